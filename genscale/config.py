@@ -1,0 +1,228 @@
+"""Typed training configuration: common flags, per-family options and presets, CLI parsing.
+
+Precedence, lowest first: TrainConfig defaults < the family's PRESET < ``--config FILE`` < flags.
+Every dataclass field becomes a ``--kebab-case`` flag, so the YAML/JSON keys are the same names
+(with ``_`` or ``-``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from genscale.errors import UserError
+from genscale.families import DESCRIPTIONS, FAMILIES, family_module
+
+
+@dataclass
+class TrainConfig:
+    """Flags shared by every family (per-process numbers unless said otherwise)."""
+
+    model: str = "ddpm"
+    data: str = "digits"  # builtin name, folder of shards, one .tar, or a brace pattern
+    out: str = ""  # run folder; default runs/<model>
+    steps: int = 3000  # optimizer steps
+    batch_size: int = 64  # per process and per micro-batch
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    ema_decay: float = 0.999
+    image_size: int = 16
+    seed: int = 0
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 500  # 0 disables periodic grids
+    log_every: int = 10
+    num_workers: int = 1  # data loader workers per process
+    shuffle_buffer: int = 1000
+    batches_per_epoch: int = 100  # per process; every rank reads exactly this many per epoch
+    flip: bool = False  # random horizontal flips (off by default: they change digits)
+    log_with: str = ""  # "", "tensorboard" or "wandb"
+    cache_dir: str = ""  # embedded datasets and judges; default $GENSCALE_CACHE or ~/.cache/genscale
+
+
+COMMON_HELP = {
+    "data": "builtin dataset (digits, faces, photos), a folder of .tar shards, a .tar, or a brace pattern",
+    "out": "run folder (default runs/MODEL); re-running with the same folder resumes",
+    "steps": "number of optimizer steps",
+    "batch_size": "batch size per process and micro-batch",
+    "grad_accum": "micro-batches per optimizer step",
+    "grad_clip": "clip the global gradient norm to this value (0 = off)",
+    "ckpt_every": "save a checkpoint every N steps",
+    "sample_every": "write a sample grid every N steps (0 = never)",
+    "log_with": "also log to an accelerate tracker: tensorboard or wandb",
+    "batches_per_epoch": "batches each process reads per data epoch",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in str(text).replace(" ", "").strip("()[]").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _converter(tp: Any):
+    """argparse type for a dataclass field annotation (bools are handled separately)."""
+    if isinstance(tp, str):  # postponed annotations
+        tp = eval(tp, {"tuple": tuple, "int": int, "float": float, "str": str, "bool": bool})
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return _parse_ints
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _converter(inner[0])
+    return tp
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str]) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": helps.get(f.name)}
+        if tp is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            parser.add_argument(_flag(f.name), type=_converter(tp), metavar=f.name.upper(), **kwargs)
+
+
+def _load_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        text = p.read_text()
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as err:  # noqa: BLE001 - any parse failure is the user's file
+        raise UserError(f"config file {path} could not be parsed: {err}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _coerce(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Convert file values (lists for tuples, ints for floats) to each field's type."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        v = values[f.name]
+        conv = _converter(hints[f.name])
+        try:
+            if conv is _parse_ints:
+                v = _parse_ints(",".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
+            elif hints[f.name] is bool:
+                v = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
+            elif v is not None:
+                v = conv(v)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise UserError(f"option {f.name} in {source} has a bad value {v!r}") from None
+        out[f.name] = v
+    return out
+
+
+@dataclass
+class RunConfig:
+    """The resolved configuration of one run."""
+
+    train: TrainConfig
+    options: Any  # the family's Options dataclass
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train": dataclasses.asdict(self.train), "options": dataclasses.asdict(self.options)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        train_values = _coerce(TrainConfig, data.get("train", {}), "config.json")
+        train = TrainConfig(**train_values)
+        if train.model not in FAMILIES:
+            raise UserError(f"the run was made with model {train.model!r}, which this version does not know")
+        module = family_module(train.model)
+        options = module.Options(**_coerce(module.Options, data.get("options", {}), "config.json"))
+        return cls(train, options)
+
+
+def model_list() -> str:
+    return "\n".join(f"  {name:<12} {DESCRIPTIONS.get(name, '')}" for name in FAMILIES)
+
+
+def parse_train_args(argv: list[str] | None = None) -> RunConfig:
+    """Parse train.py's command line into a RunConfig (raises UserError on bad input)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    file_values = _load_file(known.config) if known.config else {}
+    model = known.model or file_values.get("model") or TrainConfig.model
+    if model not in FAMILIES:
+        raise UserError(f"unknown model {model!r}; choose one of: {', '.join(FAMILIES)}")
+    module = family_module(model)
+
+    parser = argparse.ArgumentParser(
+        prog="genscale/train.py",
+        description="Train an image generative model. Models:\n" + model_list(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run with the same --out again to resume. Pass --model NAME --help for that model's options.",
+    )
+    parser.add_argument("--config", help="YAML or JSON file with the same keys as the flags")
+    common = parser.add_argument_group("training")
+    _add_fields(common, TrainConfig, COMMON_HELP)
+    fam = parser.add_argument_group(f"{model} options")
+    _add_fields(fam, module.Options, getattr(module, "OPTION_HELP", {}))
+    try:
+        args = vars(parser.parse_args(argv))
+    except SystemExit as exit_:  # argparse already printed its one-line usage error
+        raise UserError("", exit_code=int(exit_.code or 0)) from None
+    args.pop("config", None)
+
+    merged: dict[str, Any] = dict(getattr(module, "PRESET", {}))
+    merged.update(file_values)
+    merged.update(args)
+    merged["model"] = model
+    unknown = set(file_values) - {f.name for f in dataclasses.fields(TrainConfig)} - {
+        f.name for f in dataclasses.fields(module.Options)}
+    if unknown:
+        raise UserError(f"config file {known.config} has unknown keys: {', '.join(sorted(unknown))}")
+    train = TrainConfig(**_coerce(TrainConfig, merged, "the configuration"))
+    options = module.Options(**_coerce(module.Options, merged, "the configuration"))
+    if not train.out:
+        train.out = str(Path("runs") / model)
+    validate(train)
+    if hasattr(options, "validate"):
+        options.validate()
+    return RunConfig(train, options)
+
+
+def validate(cfg: TrainConfig) -> None:
+    positive = ["steps", "batch_size", "grad_accum", "image_size", "ckpt_every", "batches_per_epoch",
+                "keep_checkpoints", "log_every"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"{_flag(name)} must be a positive number, got {getattr(cfg, name)}")
+    for name in ["sample_every", "warmup_steps", "num_workers", "grad_clip", "weight_decay", "shuffle_buffer"]:
+        if getattr(cfg, name) < 0:
+            raise UserError(f"{_flag(name)} must not be negative, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise UserError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.lr <= 0:
+        raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.log_with not in ("", "tensorboard", "wandb"):
+        raise UserError(f"--log-with must be tensorboard or wandb, got {cfg.log_with!r}")

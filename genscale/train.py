@@ -1,0 +1,118 @@
+"""Entry point: ``accelerate launch genscale/train.py --model ddpm [options]``.
+
+Builds the data stream, the family and the trainer from the command line, records the
+resolved configuration in OUT/config.json and trains; the same command with the same --out
+resumes from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: import the package, not the files beside this one
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import dataclasses
+import json
+from typing import Iterator
+
+import torch
+
+from genscale.cli import run_main
+from genscale.config import RunConfig, TrainConfig, parse_train_args
+from genscale.errors import UserError
+from genscale.families import family_module
+from genscale.families.base import Batch, DataInfo
+from genscale.run_files import git_commit, library_versions, write_json_atomic
+
+
+def batch_stream(cfg: TrainConfig, shards, info: DataInfo, rank: int, world: int):
+    """Return start_step -> iterator of batches, deterministic per (seed, epoch, rank)."""
+    from genscale.data import make_loader
+
+    def stream(start_step: int) -> Iterator[Batch]:
+        epoch, skip = divmod(start_step * cfg.grad_accum, cfg.batches_per_epoch)
+        while True:
+            loader = make_loader(shards, image_size=cfg.image_size, channels=info.channels,
+                                 batch_size=cfg.batch_size, batches_per_epoch=cfg.batches_per_epoch,
+                                 seed=cfg.seed, epoch=epoch, rank=rank, world_size=world,
+                                 num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
+                                 flip=cfg.flip, resampled=True)
+            for i, batch in enumerate(loader):
+                if i >= skip:
+                    yield batch
+            skip, epoch = 0, epoch + 1
+
+    return stream
+
+
+def check_same_run(run: RunConfig) -> None:
+    """Refuse to resume a run folder that holds a different model."""
+    path = Path(run.train.out) / "config.json"
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())["train"]["model"]
+    except (json.JSONDecodeError, KeyError):
+        raise UserError(f"{path} is damaged; remove it or choose another --out", exit_code=1) from None
+    if old != run.train.model:
+        raise UserError(f"{run.train.out} holds a {old} run; choose another --out for {run.train.model}")
+
+
+def grid_labels(info: DataInfo, per_class: int = 8) -> torch.Tensor | None:
+    """One row per class (at most 10 classes shown), or None for an unconditional model."""
+    if info.num_classes == 0:
+        return None
+    classes = min(info.num_classes, 10)
+    return torch.arange(classes).repeat_interleave(per_class)
+
+
+def main(argv: list[str] | None = None) -> int:
+    run = parse_train_args(argv)
+    cfg = run.train
+    check_same_run(run)
+    from genscale.data import resolve_data
+    from genscale.trainer import Trainer, make_accelerator
+
+    shards = resolve_data(cfg.data, "train", cfg.cache_dir or None)
+    module = family_module(cfg.model)
+    info = DataInfo(name=shards.info.name, channels=shards.info.channels, image_size=cfg.image_size,
+                    num_classes=shards.info.num_classes, paired=shards.info.paired)
+    try:
+        family = module.FAMILY(cfg, run.options, info)
+    except ValueError as err:  # e.g. an image size the networks cannot take
+        raise UserError(str(err)) from None
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    acc = make_accelerator(cfg.grad_accum, out, cfg.log_with)
+    stream = batch_stream(cfg, shards, info, acc.process_index, acc.num_processes)
+    trainer = Trainer(run, family, stream, acc, grid_labels(info))
+    if acc.is_main_process:
+        record = run.to_dict()
+        record.update({
+            "data_info": dataclasses.asdict(info),
+            "world_size": acc.num_processes,
+            "num_machines": _num_machines(acc.num_processes),
+            "distributed_type": str(acc.distributed_type),
+            "mixed_precision": acc.mixed_precision,
+            "device": str(acc.device),
+            "versions": library_versions(),
+            "git_commit": git_commit(),
+            "parameters": {n: sum(p.numel() for p in m.parameters()) for n, m in family.nets.items()},
+        })
+        write_json_atomic(out / "config.json", record)
+    if cfg.log_with:
+        acc.init_trackers(out.name, config=run.to_dict()["train"])
+    return trainer.fit()
+
+
+def _num_machines(world: int) -> int:
+    """Machines in the job: the launcher exports the processes per machine as LOCAL_WORLD_SIZE."""
+    import os
+
+    return max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world) or world))
+
+
+if __name__ == "__main__":
+    run_main(main)

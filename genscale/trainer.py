@@ -1,0 +1,251 @@
+"""The one Accelerate training loop that every family runs in.
+
+It owns what is common: the step loop, gradient accumulation, clipping, mixed precision (from
+the launcher), learning-rate warm-up, EMA, atomic checkpoints and exact resume, stop signals,
+logging, the progress bar and periodic sample grids. It knows families only through
+genscale.families.base.Family.
+
+Exact resume rests on two rules: every random draw of a training step comes from torch's
+global RNG re-seeded from (seed, rank, step, micro-batch) before the step, and the data stream
+of every (seed, epoch, rank) is deterministic, so resuming at step k means rebuilding the
+stream and skipping the batches already consumed.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from genscale import checkpoints as ckpt
+from genscale.config import RunConfig
+from genscale.ema import EMA
+from genscale.errors import UserError
+from genscale.families.base import Batch, Family
+from genscale.preemption import StopRequest
+from genscale.run_files import MetricsLog, plot_losses, save_grid
+
+BatchStream = Callable[[int], Iterator[Batch]]  # optimizer step to start at -> batches from there
+
+
+class Progress:
+    """The step counter, checkpointed through Accelerate's custom-object registry."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    """A distinct, reproducible seed for every (rank, step, micro-batch)."""
+    return (seed * 1_000_003 + rank * 7_919 + step * 131 + micro) % (2**63 - 1)
+
+
+def make_accelerator(grad_accum: int, out: Path, log_with: str = "") -> Accelerator:
+    """One process group for the launch: on a GPU-less machine N gloo processes (cpu=True)."""
+    cpu = not torch.cuda.is_available()
+    acc = Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum, project_dir=str(out),
+                      log_with=log_with or None)
+    if cpu:
+        # accelerate launch pins OMP_NUM_THREADS=1; share the cores between local processes instead.
+        threads = int(os.environ.get("GENSCALE_THREADS", "0")) or max(1, (os.cpu_count() or 1) // _local_world())
+        torch.set_num_threads(threads)
+    return acc
+
+
+def _local_world() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, family: Family, batches: BatchStream, accelerator: Accelerator,
+                 grid_labels: torch.Tensor | None = None):
+        self.run = run
+        self.cfg = run.train
+        self.family = family
+        self.batches = batches
+        self.acc = accelerator
+        self.out = Path(self.cfg.out)
+        self.grid_labels = grid_labels
+        self.progress = Progress()
+        self.stop = StopRequest()
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+
+        names, opt_names = list(family.nets), list(family.optimizers)
+        prepared = accelerator.prepare(*[family.nets[n] for n in names],
+                                       *[family.optimizers[n] for n in opt_names])
+        family.nets = dict(zip(names, prepared[:len(names)]))
+        family.optimizers = dict(zip(opt_names, prepared[len(names):]))
+        for opt in family.optimizers.values():
+            for group in opt.param_groups:
+                group.setdefault("base_lr", group["lr"])
+        self.ema = EMA({n: accelerator.unwrap_model(family.nets[n]) for n in family.ema_names},
+                       self.cfg.ema_decay)
+        accelerator.register_for_checkpointing(self.progress, self.ema)
+
+    # ---- one optimizer step -------------------------------------------------------------
+    def optimize(self, loss: torch.Tensor, name: str) -> None:
+        """Backward, clip when the gradients sync, step and zero one optimizer."""
+        opt = self.family.optimizers[name]
+        self.acc.backward(loss)
+        if self.acc.sync_gradients and self.cfg.grad_clip > 0:
+            params = [p for g in opt.param_groups for p in g["params"]]
+            self.acc.clip_grad_norm_(params, self.cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def set_lr(self, step: int) -> float:
+        """Linear warm-up then constant; a function of the step, so resume needs no state."""
+        factor = min(1.0, (step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else 1.0
+        for opt in self.family.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * factor
+        return factor * self.cfg.lr
+
+    # ---- checkpoints ------------------------------------------------------------------
+    def save(self) -> None:
+        step = self.progress.step
+        root = ckpt.checkpoint_root(self.out)
+        tmp = ckpt.temp_name(root, step)
+        if self.acc.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp))
+        if self.acc.is_main_process:
+            ckpt.save_ema_weights(tmp, {n: m.state_dict() for n, m in self.ema.nets.items()})
+            ckpt.write_meta(tmp, step, {"world_size": self.acc.num_processes})
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            ckpt.publish(tmp, ckpt.final_name(root, step))
+            ckpt.prune(self.out, self.cfg.keep_checkpoints)
+        self.acc.wait_for_everyone()
+
+    def resume(self) -> bool:
+        latest = ckpt.latest_checkpoint(self.out)
+        if latest is None:
+            return False
+        try:
+            self.acc.load_state(str(latest))
+        except Exception as err:  # noqa: BLE001
+            raise UserError(f"checkpoint {latest} could not be loaded ({type(err).__name__}); "
+                            "move it aside to resume from the one before", exit_code=1) from None
+        self.acc.step = 0  # micro-batch counter: every checkpoint sits on a step boundary
+        self.acc.project_configuration.iteration = self.progress.step
+        return True
+
+    # ---- the loop -----------------------------------------------------------------------
+    def fit(self) -> int:
+        cfg, acc = self.cfg, self.acc
+        if acc.is_main_process:
+            ckpt.clean_temporaries(self.out)
+        acc.wait_for_everyone()
+        resumed = self.resume()
+        start = self.progress.step
+        if start >= cfg.steps:
+            acc.print(f"run {self.out} is already at its last step ({start} of {cfg.steps}); nothing to do")
+            return 0
+        if acc.is_main_process:
+            if resumed:
+                self.metrics.truncate_after(start)
+                acc.print(f"resuming {self.out} from step {start}")
+        self.stop.install()
+        stream = self.batches(start)
+        bar = tqdm(total=cfg.steps, initial=start, disable=not acc.is_main_process, dynamic_ncols=True,
+                   desc=self.family.name or "train")
+        sums: dict[str, float] = {}
+        count, skipped = 0, 0
+        t_last = time.perf_counter()
+        while self.progress.step < cfg.steps:
+            step = self.progress.step
+            lr = self.set_lr(step)
+            for micro in range(cfg.grad_accum):
+                batch = next(stream)
+                skipped += int(batch.pop("skipped", 0))
+                batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v
+                         for k, v in batch.items()}
+                torch.manual_seed(step_seed(cfg.seed, acc.process_index, step, micro))
+                with acc.accumulate(*self.family.nets.values()):
+                    logs = self.family.training_step(batch, self.optimize)
+                for k, v in logs.items():
+                    if isinstance(v, (int, float)):
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+            self.ema.update({n: acc.unwrap_model(self.family.nets[n]) for n in self.ema.nets})
+            self.progress.step = step + 1
+            bad = any(isinstance(v, float) and not math.isfinite(v) for v in logs.values())
+            stop_now, diverged = self._agree(self.stop.requested, bad)
+            if diverged:
+                bar.close()
+                raise UserError(f"training diverged: the loss became non-finite at step {step + 1}; "
+                                "the last good checkpoint was kept (try a lower --lr)", exit_code=1)
+            bar.update(1)
+            bar.set_postfix({k: f"{v / max(count, 1):.4g}" for k, v in list(sums.items())[:3]})
+            done = self.progress.step
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                now = time.perf_counter()
+                self._log(done, sums, count, skipped, lr, cfg.log_every / max(now - t_last, 1e-9))
+                sums, count, t_last = {}, 0, now
+            if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
+                self.write_grid(done)
+            if done % cfg.ckpt_every == 0 or done == cfg.steps or stop_now:
+                self.save()
+            if stop_now:
+                bar.close()
+                acc.print(f"received {self.stop.received or 'a stop request on another rank'}: "
+                          f"saved step {done} to {self.out}; re-run the same command to resume")
+                return 0
+        bar.close()
+        if acc.is_main_process:
+            plot_losses(self.metrics.read(), self.out / "loss_curve.png")
+            acc.print(f"finished {cfg.steps} steps; weights, grids and metrics are in {self.out}")
+        acc.end_training()
+        return 0
+
+    def _agree(self, stop: bool, bad: bool) -> tuple[bool, bool]:
+        """Every rank learns whether any rank was signalled or saw a non-finite loss."""
+        flags = torch.tensor([float(stop), float(bad)], device=self.acc.device)
+        if self.acc.num_processes > 1:
+            flags = self.acc.reduce(flags, reduction="sum")
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def _log(self, step: int, sums: dict[str, float], count: int, skipped: int, lr: float,
+             steps_per_s: float) -> None:
+        keys = sorted(sums)
+        local = torch.tensor([sums[k] / max(count, 1) for k in keys] + [float(skipped)],
+                             dtype=torch.float64, device=self.acc.device)
+        if self.acc.num_processes > 1:
+            local = self.acc.reduce(local.float(), reduction="sum").double()
+            local[:-1] /= self.acc.num_processes
+        record = {"step": step, "kind": "train", "lr": lr, "steps_per_s": round(steps_per_s, 3),
+                  "skipped_samples": int(local[-1].item())}
+        record.update({k: float(local[i].item()) for i, k in enumerate(keys)})
+        if self.acc.is_main_process:
+            self.metrics.write(record)
+        if self.cfg.log_with:
+            self.acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+
+    def write_grid(self, step: int) -> None:
+        """Sample a grid with the EMA networks and a fixed seed (main process only, no collectives)."""
+        if not self.acc.is_main_process:
+            return
+        labels = self.grid_labels
+        n = len(labels) if labels is not None else 64
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        rng_state = torch.get_rng_state()
+        with self.family.using(self.ema.nets):
+            images = self.family.sample(n, labels=None if labels is None else labels.to(self.acc.device),
+                                        generator=gen)
+        torch.set_rng_state(rng_state)
+        nrow = int(labels.bincount().max().item()) if labels is not None else 8
+        (self.out / "samples").mkdir(parents=True, exist_ok=True)
+        save_grid(self.out / "samples" / f"step-{step:08d}.png", images, nrow=nrow)
