@@ -1,0 +1,139 @@
+"""Entry point: draw samples from a trained run.
+
+    python genscale/sample.py --run runs/ddpm --num 100 --labels all --out samples.png
+
+``--out FILE.png`` writes a grid, ``FILE.npz`` the ADM convention (``arr_0`` uint8 N x H x W x C,
+``arr_1`` int labels), a name without a suffix both. The same seed gives identical output.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: import the package, not the files beside this one
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+import json
+import math
+
+import numpy as np
+import torch
+
+from genscale.checkpoints import load_ema_weights
+from genscale.cli import run_main
+from genscale.config import RunConfig
+from genscale.errors import UserError
+from genscale.families import family_module
+from genscale.families.base import DataInfo, Family
+from genscale.run_files import grid_image, save_png, to_uint8
+
+
+def load_family(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Family, DataInfo, int]:
+    """Rebuild a run's family from config.json with its latest EMA weights."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a genscale run (no config.json)", exit_code=1)
+    try:
+        record = json.loads(path.read_text())
+        run = RunConfig.from_dict(record)
+        info = DataInfo(**record["data_info"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{path} is damaged and cannot be read", exit_code=1) from None
+    family = family_module(run.train.model).FAMILY(run.train, run.options, info)
+    weights, step = load_ema_weights(run_dir)
+    for name, state in weights.items():
+        try:
+            family.nets[name].load_state_dict(state)
+        except (KeyError, RuntimeError):
+            raise UserError(f"the checkpoint of {run_dir} does not match its config.json", exit_code=1) from None
+    for net in family.nets.values():
+        net.to(device).eval()
+    return family, info, step
+
+
+def parse_labels(spec: str | None, num: int, num_classes: int) -> torch.Tensor | None:
+    """'all' cycles through the classes, '3' repeats one class, '0,1,2' cycles through a list."""
+    if num_classes == 0:
+        if spec not in (None, ""):
+            raise UserError("this run was trained without labels, so --labels cannot be used")
+        return None
+    if spec in (None, "", "all"):
+        return torch.arange(num) % num_classes
+    try:
+        chosen = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--labels must be 'all' or comma-separated class numbers, got {spec!r}") from None
+    if not chosen or any(not 0 <= c < num_classes for c in chosen):
+        raise UserError(f"--labels must name classes between 0 and {num_classes - 1}, got {spec!r}")
+    return torch.tensor(chosen)[torch.arange(num) % len(chosen)]
+
+
+def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, cfg_scale: float | None = None,
+             sampler: str | None = None, sampling_steps: int | None = None, batch_size: int = 250,
+             device: str | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Samples of a run as uint8 N x H x W x C and their int labels (-1 when unconditional)."""
+    if num <= 0:
+        raise UserError(f"--num must be positive, got {num}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    family, info, _ = load_family(run_dir, device)
+    label_tensor = parse_labels(labels, num, info.num_classes)
+    gen = torch.Generator().manual_seed(seed)
+    options = {k: v for k, v in dict(cfg_scale=cfg_scale, sampler=sampler, sampling_steps=sampling_steps).items()
+               if v is not None}
+    chunks = []
+    for start in range(0, num, batch_size):
+        n = min(batch_size, num - start)
+        lab = None if label_tensor is None else label_tensor[start:start + n].to(device)
+        images = family.sample(n, labels=lab, generator=gen, progress=progress, **options)
+        chunks.append(to_uint8(images))
+    out_labels = (label_tensor.numpy() if label_tensor is not None else np.full(num, -1)).astype(np.int64)
+    return np.concatenate(chunks), out_labels
+
+
+def write_outputs(out: str, images: np.ndarray, labels: np.ndarray) -> list[Path]:
+    path = Path(out)
+    if path.suffix not in ("", ".png", ".npz"):
+        raise UserError(f"--out must end in .png or .npz (or have no suffix for both), got {out}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    if path.suffix in ("", ".png"):
+        png = path.with_suffix(".png")
+        classes = len(np.unique(labels))
+        # --labels all cycles 0..K-1, so K images per row puts one class in each column
+        nrow = classes if 1 < classes <= 20 else int(math.ceil(math.sqrt(len(images))))
+        scale = max(1, min(8, 64 // images.shape[1]))
+        save_png(png, grid_image(images, nrow, scale=scale))
+        written.append(png)
+    if path.suffix in ("", ".npz"):
+        npz = path.with_suffix(".npz")
+        np.savez(npz, images, labels)
+        written.append(npz)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="genscale/sample.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="run folder written by train.py")
+    parser.add_argument("--num", type=int, default=64, help="number of samples")
+    parser.add_argument("--labels", default=None, help="'all', one class '3', or a list '0,1,2'")
+    parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
+    parser.add_argument("--sampling-steps", type=int, default=None, help="DDIM steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--out", required=True, help="FILE.png (grid), FILE.npz (arrays) or FILE (both)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        raise UserError("", exit_code=int(exit_.code or 0)) from None
+    images, labels = generate(args.run, args.num, args.labels, args.seed, args.cfg_scale, args.sampler,
+                              args.sampling_steps, args.batch_size, progress=True)
+    for path in write_outputs(args.out, images, labels):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
