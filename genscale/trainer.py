@@ -147,6 +147,7 @@ class Trainer:
     def fit(self) -> int:
         cfg, acc = self.cfg, self.acc
         if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_temporaries(self.out)
         acc.wait_for_everyone()
         resumed = self.resume()
