@@ -63,7 +63,7 @@ def to_judge_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     uint8 arrays/tensors are the on-disk convention: N x H x W x C (or N x H x W), 0..255.
     Floating-point ones are the harness convention: N x C x H x W (or N x H x W), [-1, 1].
     """
-    x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+    x = images if torch.is_tensor(images) else torch.as_tensor(np.asarray(images))
     if x.ndim == 3:
         x = x.unsqueeze(-1 if x.dtype == torch.uint8 else 1)
     if x.ndim != 4:
@@ -219,10 +219,10 @@ def _load_cached(weights: Path, info: Path) -> Judge | None:
             return None
         judge = Judge()
         judge.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        judge.test_accuracy = float(meta["test_accuracy"])
     except Exception:  # noqa: BLE001 -- torch.load/json raise many types on a bad file
         # A missing, stale or corrupt cache is rebuilt, never fatal.
         return None
-    judge.test_accuracy = float(meta["test_accuracy"])
     return judge.eval()
 
 
