@@ -1,0 +1,199 @@
+"""Turning a data spec (an embedded name, a folder, a tar, a brace pattern) into shard URLs."""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+
+import braceexpand
+
+from genscale.data.builtin import BUILTIN_NAMES, builtin_dir
+from genscale.data.transforms import IMAGE_EXTENSIONS, SOURCE_FIELDS, TARGET_FIELDS, decode_image
+from genscale.data.writer import INFO_FILE, SPLITS, read_info
+from genscale.errors import UserError
+from genscale.families.base import DataInfo
+
+PEEK_SAMPLES = 64
+
+
+@dataclass
+class ShardSet:
+    """The shards of one split and what is known about the images in them."""
+
+    urls: list[str]
+    name: str
+    channels: int
+    image_size: int  # native size (shorter side of the first image when not recorded)
+    num_classes: int  # 0 = unlabelled
+    paired: bool = False
+    split: str = "train"
+    num_samples: int | None = None  # None when no info.json records it
+    class_names: list[str] = field(default_factory=list)
+
+    def data_info(self, image_size: int | None = None, channels: int | None = None) -> DataInfo:
+        """The family-facing DataInfo, at the training resolution/channels if they differ."""
+        return DataInfo(name=self.name, channels=channels or self.channels,
+                        image_size=image_size or self.image_size, num_classes=self.num_classes,
+                        paired=self.paired)
+
+
+def resolve_data(spec: str, split: str = "train", cache_dir: str | None = None) -> ShardSet:
+    """Shards of ``split`` for ``spec``: an embedded dataset name (digits, faces, photos,
+    photos-paired), a folder of shards (its ``train/`` and ``test/`` subfolders if present,
+    else all its tars as the train split), a single .tar, or a brace pattern
+    ``path/{000000..000009}.tar`` (the last two are train-only)."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; use 'train' or 'test'.")
+    if spec in BUILTIN_NAMES:
+        return _from_folder(builtin_dir(spec, cache_dir), split, name=spec)
+    if "{" in spec and ".." in spec:
+        urls = list(braceexpand.braceexpand(spec))
+        missing = [u for u in urls if not os.path.exists(u)]
+        if missing:
+            raise UserError(f"shard pattern {spec} names {len(missing)} missing file(s), e.g. {missing[0]}.")
+        return _from_files(urls, split, spec, name=_name_of(os.path.dirname(urls[0])))
+    if os.path.isdir(spec):
+        return _from_folder(spec, split, name=_name_of(spec))
+    if os.path.isfile(spec):
+        return _from_files([spec], split, spec, name=os.path.splitext(os.path.basename(spec))[0])
+    raise UserError(f"--data {spec!r} is neither an embedded dataset ({', '.join(BUILTIN_NAMES)}) "
+                    "nor an existing folder, .tar file or shard pattern.")
+
+
+def _name_of(path: str) -> str:
+    path = os.path.normpath(os.path.abspath(path))
+    if os.path.basename(path) in SPLITS:  # .../NAME/train/*.tar is named NAME
+        path = os.path.dirname(path)
+    return os.path.basename(path) or "data"
+
+
+def _tars(folder: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(glob.escape(folder), "*.tar")))
+
+
+def _from_folder(folder: str, split: str, name: str) -> ShardSet:
+    has_splits = any(os.path.isdir(os.path.join(folder, s)) for s in SPLITS)
+    if has_splits:
+        split_dir = os.path.join(folder, split)
+        urls = _tars(split_dir) if os.path.isdir(split_dir) else []
+        if not urls:
+            raise UserError(f"{folder} has no {split} split (no .tar files in {split_dir}).")
+    else:
+        urls = _tars(folder)
+        if not urls:
+            raise UserError(f"{folder} holds no .tar shards (nor train/ and test/ subfolders with some).")
+        if split != "train":
+            raise UserError(f"{folder} has no {split} split: put its shards in train/ and test/ subfolders.")
+    _check_tars(urls)
+    return _described(urls, split, name, folder, count=True)
+
+
+def _described(urls: list[str], split: str, name: str, folder: str, count: bool) -> ShardSet:
+    """From the folder's info.json when it has one, else from a peek into the shards."""
+    info = read_info(folder)
+    if info is None:
+        return _peeked(urls, split, name)
+    try:
+        counts = info.get("counts") or {}
+        return ShardSet(urls=urls, name=str(info.get("name", name)), channels=int(info["channels"]),
+                        image_size=int(info["image_size"]), num_classes=int(info.get("num_classes", 0)),
+                        paired=bool(info.get("paired", False)), split=split,
+                        num_samples=counts.get(split) if count else None,
+                        class_names=list(info.get("class_names") or []))
+    except (KeyError, TypeError, ValueError) as exn:
+        raise UserError(f"{os.path.join(folder, 'info.json')} lacks a valid {exn} entry.") from None
+
+
+def _from_files(urls: list[str], split: str, spec: str, name: str) -> ShardSet:
+    if split != "train":
+        raise UserError(f"{spec} has no {split} split: give a folder with train/ and test/ subfolders.")
+    _check_tars(urls)
+    # Shards picked from a written dataset (NAME/train/000003.tar) still have its info.json.
+    split_dir = os.path.dirname(os.path.abspath(urls[0]))
+    for folder in (split_dir, os.path.dirname(split_dir)):
+        if os.path.isfile(os.path.join(folder, INFO_FILE)):
+            return _described(urls, split, name, folder, count=False)
+    return _peeked(urls, split, name)
+
+
+def _check_tars(urls: list[str]) -> None:
+    for url in urls:
+        if not os.path.isfile(url):
+            raise UserError(f"{url} is not a file.")
+        if not tarfile.is_tarfile(url):
+            raise UserError(f"{url} is not a tar archive.")
+
+
+def _peeked(urls: list[str], split: str, name: str) -> ShardSet:
+    """What the first shard's first samples say: channels, native size, labels, pairing."""
+    groups: dict[str, dict[str, bytes]] = {}
+    labels: list[int] = []
+    try:
+        with tarfile.open(urls[0]) as tar:
+            for member in tar:
+                if not member.isfile() or "." not in os.path.basename(member.name):
+                    continue
+                key, ext = _split_name(member.name)
+                ext = ext.lower()
+                if ext in ("cls", "json") or (key in groups or len(groups) < PEEK_SAMPLES) and _is_image(ext):
+                    data = tar.extractfile(member).read()
+                    if ext in ("cls", "json"):
+                        label = _label_of(ext, data)
+                        if label is not None:
+                            labels.append(label)
+                    else:
+                        groups.setdefault(key, {})[ext] = data
+    except (OSError, tarfile.TarError) as exn:
+        raise UserError(f"cannot read {urls[0]} ({exn}).") from None
+    modes: Counter = Counter()
+    sizes: list[int] = []
+    paired = False
+    for fields in groups.values():
+        plain = [f for f in fields if f in IMAGE_EXTENSIONS]
+        pair = [f for f in fields if f in TARGET_FIELDS]
+        if not plain and pair and any(f in SOURCE_FIELDS for f in fields):
+            paired = True
+        for f in (plain or pair)[:1]:
+            try:
+                img = decode_image(fields[f])
+            except Exception:  # a corrupt sample is the loader's business, not the peek's
+                continue
+            modes[img.mode] += 1
+            sizes.append(min(img.size))
+    if not sizes:
+        raise UserError(f"{urls[0]} holds no readable images among its first {PEEK_SAMPLES} samples.")
+    # Labels: scanned over the whole first shard (only the tiny .cls/.json members are read),
+    # so num_classes is right when that shard holds every class, as a shuffled one does.
+    num_classes = max(labels) + 1 if labels else 0
+    return ShardSet(urls=urls, name=name, channels=3 if modes.get("RGB") else 1,
+                    image_size=Counter(sizes).most_common(1)[0][0], num_classes=num_classes,
+                    paired=paired, split=split)
+
+
+def _split_name(path: str) -> tuple[str, str]:
+    # As WebDataset does: the key is everything before the first dot of the file name.
+    folder, base = os.path.split(path)
+    key, ext = base.split(".", 1)
+    return os.path.join(folder, key), ext
+
+
+def _is_image(ext: str) -> bool:
+    return ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
+
+
+def _label_of(ext: str, data: bytes) -> int | None:
+    try:
+        if ext == "cls":
+            return int(data.decode().strip())
+        meta = json.load(io.BytesIO(data))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(meta, dict):
+        for k in ("label", "cls"):
+            if isinstance(meta.get(k), int) and not isinstance(meta.get(k), bool):
+                return meta[k]
+    return None

@@ -1,0 +1,139 @@
+"""Write WebDataset shards from an image folder, a class-per-folder tree, an .npz, a torchvision
+dataset on disk, or a folder of side-by-side A|B pairs.
+
+    python -m genscale.data.write_shards SRC OUT_DIR [--kind auto|folder|classes|npz|torchvision|side-by-side]
+        [--maxcount N] [--maxsize BYTES] [--test-fraction F] [--seed S] [--dataset NAME] [--direction AtoB|BtoA]
+
+Writes OUT_DIR/train/NNNNNN.tar, OUT_DIR/test/NNNNNN.tar (unless the test split is empty) and
+OUT_DIR/info.json. Samples are shuffled before writing (a shard is read front to back, so its
+order is all the shuffling a streaming reader starts from). The test split is drawn with
+--test-fraction (stratified by label) unless the source fixes one (torchvision's train/test,
+a folder's train/ and test/ or val/ sub-folders). Unreadable images are skipped and counted.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from typing import Iterator, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from genscale.data.sources import KINDS, Record, read_source
+from genscale.data.transforms import decode_image
+from genscale.data.writer import FORMAT_VERSION, INFO_FILE, SPLITS, split_indices, write_info, write_split
+from genscale.cli import run_main
+from genscale.errors import UserError
+
+
+def assign_splits(records: list[Record], test_fraction: float, seed: int) -> dict[str, list[Record]]:
+    """Records per split, each list shuffled with ``seed``."""
+    rng = np.random.default_rng(seed)
+    if all(r.split is not None for r in records):
+        out = {s: [r for r in records if r.split == s] for s in SPLITS}
+        return {s: [rs[i] for i in rng.permutation(len(rs))] for s, rs in out.items()}
+    labels = None
+    if all(r.label is not None for r in records):
+        labels = np.array([r.label for r in records])
+    train, test = split_indices(len(records), test_fraction, seed, labels)
+    return {"train": [records[i] for i in train], "test": [records[i] for i in test]}
+
+
+class _Stats:
+    """What info.json says about the images, gathered while they are written."""
+
+    def __init__(self) -> None:
+        self.modes: Counter = Counter()
+        self.sizes: Counter = Counter()
+        self.failed = 0
+        self.first_error = ""
+
+    def samples(self, records: list[Record], split: str) -> Iterator[dict]:
+        for index, record in enumerate(records):
+            try:
+                fields = record.load()
+                image = next(v for k, v in fields.items() if k.rsplit(".", 1)[-1] in ("png", "jpg", "webp")
+                             and not k.startswith("src"))
+                img = decode_image(image)
+            except Exception as exn:  # an unreadable source image: skip it, say so at the end
+                self.failed += 1
+                self.first_error = self.first_error or str(exn)
+                continue
+            self.modes[img.mode] += 1
+            self.sizes[min(img.size)] += 1
+            sample = {"__key__": f"{split}{index:08d}", **fields}
+            if record.label is not None:
+                sample["cls"] = record.label
+            yield sample
+
+
+def write_shards(src: str, out_dir: str, kind: str = "auto", maxcount: int = 10000, maxsize: float = 1e9,
+                 test_fraction: float = 0.1, seed: int = 0, dataset: str | None = None,
+                 direction: str = "AtoB", progress: bool = True) -> dict:
+    """Write the shards and info.json; return the info dict."""
+    if maxcount < 1 or maxsize < 1:
+        raise UserError("--maxcount and --maxsize must be positive.")
+    if not 0.0 <= test_fraction < 1.0:
+        raise UserError(f"--test-fraction must be in [0, 1), got {test_fraction}.")
+    if os.path.exists(os.path.join(out_dir, INFO_FILE)) or any(
+            os.path.exists(os.path.join(out_dir, s)) for s in SPLITS):
+        raise UserError(f"{out_dir} already holds shards; choose an empty folder.")
+    source = read_source(src, kind, dataset=dataset, direction=direction)
+    splits = assign_splits(source.records, test_fraction, seed)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exn:
+        raise UserError(f"cannot create {out_dir} ({exn.strerror}).") from None
+    stats = _Stats()
+    counts = {}
+    with tqdm(total=len(source.records), desc=f"writing {os.path.basename(os.path.normpath(out_dir))}",
+              unit="img", disable=not progress or None) as bar:
+        for split in SPLITS:
+            counts[split] = write_split(stats.samples(splits[split], split), os.path.join(out_dir, split),
+                                        maxcount=maxcount, maxsize=maxsize, progress=bar)
+    if counts["train"] == 0:
+        raise UserError(f"no readable image in {src} (first error: {stats.first_error or 'none'}).")
+    labelled = all(r.label is not None for r in source.records)
+    num_classes = len(source.class_names) if labelled else 0
+    info = {"name": os.path.basename(os.path.abspath(out_dir)), "channels": 3 if stats.modes.get("RGB") else 1,
+            "image_size": stats.sizes.most_common(1)[0][0], "num_classes": num_classes,
+            "class_names": source.class_names if labelled else [], "paired": source.paired,
+            "counts": counts, "skipped": stats.failed, "format_version": FORMAT_VERSION,
+            "source": f"{os.path.abspath(src)} ({source.kind})"}
+    write_info(out_dir, info)
+    if stats.failed:
+        print(f"skipped {stats.failed} unreadable image(s), e.g.: {stats.first_error}", file=sys.stderr)
+    return info
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and write the shards; a UserError propagates (see ``cli``)."""
+    parser = argparse.ArgumentParser(prog="python -m genscale.data.write_shards", description=__doc__.split("\n")[0])
+    parser.add_argument("src", help="image folder, class-per-folder tree, .npz file or torchvision root")
+    parser.add_argument("out_dir", help="where train/, test/ and info.json go")
+    parser.add_argument("--kind", choices=KINDS, default="auto")
+    parser.add_argument("--maxcount", type=int, default=10000, help="samples per shard at most")
+    parser.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard at most")
+    parser.add_argument("--test-fraction", type=float, default=0.1, help="share of samples for test")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the shuffle")
+    parser.add_argument("--dataset", help="torchvision class name (MNIST, CIFAR10, ...) for --kind torchvision")
+    parser.add_argument("--direction", choices=("AtoB", "BtoA"), default="AtoB",
+                        help="side-by-side: AtoB = left half is the source")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    info = write_shards(args.src, args.out_dir, args.kind, args.maxcount, args.maxsize, args.test_fraction,
+                        args.seed, args.dataset, args.direction, progress=not args.quiet)
+    counts = info["counts"]
+    print(f"wrote {counts['train']} train and {counts['test']} test samples to {args.out_dir}")
+    return 0
+
+
+def cli() -> None:
+    """Console-script entry point (``genscale-shards``): errors as one line, exit 2."""
+    run_main(main)
+
+
+if __name__ == "__main__":
+    cli()
