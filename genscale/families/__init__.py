@@ -11,10 +11,20 @@ from types import ModuleType
 
 FAMILIES: dict[str, str] = {
     "ddpm": "genscale.families.ddpm",
+    "gan": "genscale.families.gan",
+    "dcgan": "genscale.families.dcgan",
+    "cgan": "genscale.families.cgan",
+    "pix2pix": "genscale.families.pix2pix",
+    "gan-inpaint": "genscale.families.gan_inpaint",
 }
 
 DESCRIPTIONS: dict[str, str] = {
     "ddpm": "denoising diffusion (DDPM/DDIM samplers, classifier-free guidance)",
+    "gan": "MLP GAN on flattened images (BCE, Adam 2e-4, betas 0.5/0.999)",
+    "dcgan": "DCGAN: convolutional GAN sized from the image size",
+    "cgan": "class-conditional GAN (N+1-way discriminator, or --discriminator binary)",
+    "pix2pix": "paired image-to-image translation: U-Net + PatchGAN, GAN + 100 L1",
+    "gan-inpaint": "adversarial inpainting: U-Net on (masked image, mask) + PatchGAN",
 }
 
 
