@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     shards = resolve_data(cfg.data, "train", cfg.cache_dir or None)
     module = family_module(cfg.model)
-    info = DataInfo(name=shards.info.name, channels=shards.info.channels, image_size=cfg.image_size,
-                    num_classes=shards.info.num_classes, paired=shards.info.paired)
+    info = shards.data_info(image_size=cfg.image_size)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every re-run
     try:
         family = module.FAMILY(cfg, run.options, info)
     except ValueError as err:  # e.g. an image size the networks cannot take

@@ -12,7 +12,7 @@ import torch
 
 from genscale.diffusion.samplers import ddim_sample, ddpm_sample
 from genscale.diffusion.schedule import NoiseSchedule
-from genscale.diffusion.training import diffusion_loss
+from genscale.diffusion.losses import diffusion_loss
 from genscale.families.base import DataInfo, Family
 from genscale.models.unet import UNet
 
