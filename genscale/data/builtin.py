@@ -30,7 +30,8 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from genscale.data.writer import FORMAT_VERSION, INFO_FILE, encode_png, read_info, split_indices, write_info, write_split
+from genscale.data.writer import (FORMAT_VERSION, INFO_FILE, encode_png, read_info, split_indices, write_info,
+                                  write_split)
 from genscale.errors import UserError
 
 BUILTIN_NAMES = ("digits", "faces", "photos", "photos-paired")

@@ -105,7 +105,8 @@ def _predefined_splits(src: str) -> list[tuple[str | None, str]]:
 
 
 def _is_image_file(path: str) -> bool:
-    return os.path.isfile(path) and path.lower().endswith(FILE_EXTENSIONS) and not os.path.basename(path).startswith(".")
+    name = os.path.basename(path)
+    return os.path.isfile(path) and name.lower().endswith(FILE_EXTENSIONS) and not name.startswith(".")
 
 
 def _image_files(folder: str) -> list[str]:

@@ -43,7 +43,8 @@ _SHARDS, _SHUFFLE, _AUGMENT, _LOADER = range(4)
 
 def stream_seed(seed: int, epoch: int, rank: int, worker: int, purpose: int) -> int:
     """A 32-bit seed that depends on every argument (numpy SeedSequence hashing)."""
-    return int(np.random.SeedSequence([seed, epoch, rank, worker, purpose]).generate_state(1)[0])
+    words = [v % 2**64 for v in (seed, epoch, rank, worker, purpose)]  # SeedSequence wants v >= 0
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
 def _worker() -> tuple[int, int]:
