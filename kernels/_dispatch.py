@@ -1,0 +1,77 @@
+"""Backend choice for every public kernel: Triton on CUDA tensors, the eager reference elsewhere.
+
+``GENSCALE_KERNELS`` is read at call time (so tests can flip it with monkeypatch):
+``auto`` (default) picks Triton when every tensor is on CUDA and triton imports, ``eager``
+forces the reference, ``triton`` forces the Triton kernels (on CPU tensors only under
+``TRITON_INTERPRET=1``, set before triton is imported).
+
+Triton modules are imported lazily, at the first Triton call: ``triton.jit`` decides at
+decoration time whether a kernel is interpreted, so importing them late lets a test runner set
+``TRITON_INTERPRET`` after ``import kernels`` and still get interpreted kernels.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+ENV_BACKEND = "GENSCALE_KERNELS"
+_MODES = ("auto", "eager", "triton")
+
+
+def backend_mode() -> str:
+    """The requested backend: ``auto``, ``eager`` or ``triton``."""
+    mode = os.environ.get(ENV_BACKEND, "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"{ENV_BACKEND} must be one of {', '.join(_MODES)}; got {mode!r}")
+    return mode
+
+
+def interpreter_active() -> bool:
+    """True when triton runs kernels with its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None  # looked up once; a fact, not state
+
+
+def triton_importable() -> bool:
+    return _TRITON_FOUND
+
+
+def use_triton(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call on ``tensors`` goes to the Triton kernels."""
+    mode = backend_mode()
+    if mode == "eager":
+        return False
+    present = [t for t in tensors if t is not None]
+    on_cuda = all(t.is_cuda for t in present)
+    if mode == "auto":
+        return on_cuda and triton_importable()
+    if not triton_importable():
+        raise RuntimeError(f"{ENV_BACKEND}=triton but the triton package is not installed")
+    if not on_cuda and not interpreter_active():
+        raise RuntimeError(
+            f"{ENV_BACKEND}=triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+        )
+    return True
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors on ``device``; 1 for the interpreter (one program runs at a time)."""
+    if device.type != "cuda":
+        return 1
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer tuning override from the environment (used by tests and the tuning sweep)."""
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw else default

@@ -1,0 +1,310 @@
+"""Triton kernels for GroupNorm (+ SiLU): forward and backward, two strategies.
+
+Every tensor is seen as [N, C, S] (S = the spatial dims collapsed) with its own strides, so NCHW,
+channels_last and channel slices run without a layout copy; the Triton compiler specialises
+strides equal to 1, which gives vectorised, coalesced access along whichever axis is contiguous.
+
+* fused: one program owns GB whole groups of one sample, keeps them in registers, and reads x
+  (and dy) exactly once: the minimum-bytes kernel, used when a group fits and N x G programs
+  fill the GPU.
+* split: a group's reduction is cut over many programs (per channel block x spatial chunk):
+  partial statistics -> a tiny finalize kernel per group -> an apply pass. x is read twice
+  (usually the second time from L2), but batch 1 and huge groups get enough parallelism.
+
+Statistics are fp32 and stable: two-pass (mean, then centred squares) inside a tile, tiles and
+chunks merged with Chan's parallel formula. No atomics: the per-channel dweight/dbias partials
+go to a buffer that the host sums in a fixed order, so gradients are deterministic.
+
+Only triton builtins and local jit helpers are called (no tl.sum, tl.sigmoid, tl.cdiv, which are
+jit functions themselves), so the kernels keep working under TRITON_INTERPRET=1 even when
+something imported triton before the variable was set.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+# triton's own sum combiner when it exists: the interpreter recognises it and reduces with numpy
+# (any other combine function runs element by element in Python, thousands of times slower).
+_sum = getattr(getattr(tl, "standard", None), "_sum_combine", None) or _add
+
+
+@triton.jit
+def _affine(xhat, w_ptr, b_ptr, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    z = xhat
+    if HAS_W:
+        z = z * tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_B:
+        z = z + tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    return z
+
+
+@triton.jit
+def _silu(z):
+    return z / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _dz(dy, z, ACT: tl.constexpr):
+    """Gradient through SiLU: d/dz [z * sig(z)] = sig (1 + z (1 - sig))."""
+    if ACT:
+        sig = 1.0 / (1.0 + tl.exp(-z))
+        return dy * sig * (1.0 + z * (1.0 - sig))
+    else:
+        return dy
+
+
+@triton.jit
+def _weight(w_ptr, c, cmask, HAS_W: tl.constexpr):
+    if HAS_W:
+        return tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        return tl.where(cmask, 1.0, 0.0)
+
+
+# ----------------------------------------------------------------------------- fused path
+
+
+@triton.jit
+def gn_fwd_fused(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
+                 G, CG, S, inv_cnt, eps,
+                 sxn, sxc, sxs, syn, syc, sys,
+                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+                 GB: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * GB + tl.arange(0, GB)
+    g3 = g[:, None, None]
+    cg3 = tl.arange(0, BLOCK_CG)[None, :, None]
+    s3 = tl.arange(0, BLOCK_S)[None, None, :]
+    c3 = g3 * CG + cg3
+    cmask = (g3 < G) & (cg3 < CG)
+    mask = cmask & (s3 < S)
+    x = tl.load(x_ptr + n * sxn + c3 * sxc + s3 * sxs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.reduce(tl.reduce(x, 2, _sum), 1, _sum) * inv_cnt
+    xc = tl.where(mask, x - mean[:, None, None], 0.0)
+    var = tl.reduce(tl.reduce(xc * xc, 2, _sum), 1, _sum) * inv_cnt
+    rstd = 1.0 / tl.sqrt(var + eps)
+    z = _affine(xc * rstd[:, None, None], w_ptr, b_ptr, c3, cmask, HAS_W, HAS_B)
+    if ACT:
+        z = _silu(z)
+    tl.store(y_ptr + n * syn + c3 * syc + s3 * sys, z.to(y_ptr.dtype.element_ty), mask=mask)
+    gmask = g < G
+    tl.store(mean_ptr + n * G + g, mean, mask=gmask)
+    tl.store(rstd_ptr + n * G + g, rstd, mask=gmask)
+
+
+@triton.jit
+def gn_bwd_fused(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr,
+                 C, G, CG, S, inv_cnt, plane,
+                 sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos,
+                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+                 GB: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * GB + tl.arange(0, GB)
+    gmask = g < G
+    g3 = g[:, None, None]
+    cg3 = tl.arange(0, BLOCK_CG)[None, :, None]
+    s3 = tl.arange(0, BLOCK_S)[None, None, :]
+    c3 = g3 * CG + cg3
+    cmask = (g3 < G) & (cg3 < CG)
+    mask = cmask & (s3 < S)
+    x = tl.load(x_ptr + n * sxn + c3 * sxc + s3 * sxs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + n * sdn + c3 * sdc + s3 * sds, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + n * G + g, mask=gmask, other=0.0)[:, None, None]
+    rstd = tl.load(rstd_ptr + n * G + g, mask=gmask, other=0.0)[:, None, None]
+    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    dz = tl.where(mask, _dz(dy, _affine(xhat, w_ptr, b_ptr, c3, cmask, HAS_W, HAS_B), ACT), 0.0)
+    # Per-channel sums over space: the dbias / dweight partials of this sample.
+    db_c = tl.reduce(dz, 2, _sum)
+    dw_c = tl.reduce(dz * xhat, 2, _sum)
+    c2 = (g[:, None] * CG + tl.arange(0, BLOCK_CG)[None, :])
+    cmask2 = (g[:, None] < G) & (tl.arange(0, BLOCK_CG)[None, :] < CG)
+    tl.store(part_ptr + n * C + c2, db_c, mask=cmask2)
+    tl.store(part_ptr + plane + n * C + c2, dw_c, mask=cmask2)
+    # Group means of dxhat = w dz and dxhat * xhat follow from the per-channel sums.
+    w2 = _weight(w_ptr, c2, cmask2, HAS_W)
+    m1 = tl.reduce(w2 * db_c, 1, _sum) * inv_cnt
+    m2 = tl.reduce(w2 * dw_c, 1, _sum) * inv_cnt
+    w3 = _weight(w_ptr, c3, cmask, HAS_W)
+    dx = rstd * (dz * w3 - m1[:, None, None] - xhat * m2[:, None, None])
+    tl.store(dx_ptr + n * son + c3 * soc + s3 * sos, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- split path
+
+
+@triton.jit
+def gn_stats_partial(x_ptr, part_ptr, C, S, CHUNK, SPLIT, plane, sxn, sxc, sxs,
+                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per-channel (mean, M2) over one spatial chunk -> part[0|1, n * SPLIT + k, c]."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    k = tl.program_id(2)
+    cmask = c < C
+    start = k * CHUNK
+    end = tl.minimum(start + CHUNK, S)
+    run_mean = tl.zeros((BLOCK_C,), tl.float32)
+    run_m2 = tl.zeros((BLOCK_C,), tl.float32)
+    for s0 in range(start, end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        m = cmask[:, None] & (s < end)[None, :]
+        x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=m, other=0.0)
+        x = x.to(tl.float32)
+        nb = tl.minimum(end - s0, BLOCK_S).to(tl.float32)
+        seen = (s0 - start).to(tl.float32)
+        t_mean = tl.reduce(x, 1, _sum) / nb
+        d = tl.where(m, x - t_mean[:, None], 0.0)
+        t_m2 = tl.reduce(d * d, 1, _sum)
+        tot = seen + nb
+        delta = t_mean - run_mean
+        run_mean = run_mean + delta * (nb / tot)
+        run_m2 = run_m2 + t_m2 + delta * delta * (seen * nb / tot)
+    row = n * SPLIT + k
+    tl.store(part_ptr + row * C + c, run_mean, mask=cmask)
+    tl.store(part_ptr + plane + row * C + c, run_m2, mask=cmask)
+
+
+@triton.jit
+def gn_stats_finalize(part_ptr, mean_ptr, rstd_ptr, C, G, CG, S, CHUNK, SPLIT, plane, inv_cnt, eps,
+                      BLOCK_CG: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Merge a group's per-(channel, chunk) statistics: mean, then M2 about that mean."""
+    pid = tl.program_id(0)
+    n = (pid // G).to(tl.int64)
+    g = pid % G
+    cg = tl.arange(0, BLOCK_CG)[:, None]
+    kk = tl.arange(0, BLOCK_K)[None, :]
+    acc = tl.zeros((BLOCK_CG, BLOCK_K), tl.float32)
+    for k0 in range(0, SPLIT, BLOCK_K):
+        k = k0 + kk
+        cnt = tl.minimum(tl.maximum(S - k * CHUNK, 0), CHUNK).to(tl.float32)
+        for c0 in range(0, CG, BLOCK_CG):
+            m = (c0 + cg < CG) & (k < SPLIT)
+            off = (n * SPLIT + k) * C + g * CG + c0 + cg
+            acc += tl.where(m, cnt * tl.load(part_ptr + off, mask=m, other=0.0), 0.0)
+    mean = tl.reduce(tl.reduce(acc, 1, _sum), 0, _sum) * inv_cnt
+    acc = tl.zeros((BLOCK_CG, BLOCK_K), tl.float32)
+    for k0 in range(0, SPLIT, BLOCK_K):
+        k = k0 + kk
+        cnt = tl.minimum(tl.maximum(S - k * CHUNK, 0), CHUNK).to(tl.float32)
+        for c0 in range(0, CG, BLOCK_CG):
+            m = (c0 + cg < CG) & (k < SPLIT)
+            off = (n * SPLIT + k) * C + g * CG + c0 + cg
+            d = tl.load(part_ptr + off, mask=m, other=0.0) - mean
+            acc += tl.where(m, tl.load(part_ptr + plane + off, mask=m, other=0.0) + cnt * d * d, 0.0)
+    var = tl.reduce(tl.reduce(acc, 1, _sum), 0, _sum) * inv_cnt
+    tl.store(mean_ptr + pid, mean)
+    tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(var + eps))
+
+
+@triton.jit
+def gn_apply(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, G, CG, S, CHUNK,
+             sxn, sxc, sxs, syn, syc, sys,
+             HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+             BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    k = tl.program_id(2)
+    cmask = c < C
+    mean = tl.load(mean_ptr + n * G + c // CG, mask=cmask, other=0.0)[:, None]
+    rstd = tl.load(rstd_ptr + n * G + c // CG, mask=cmask, other=0.0)[:, None]
+    start = k * CHUNK
+    end = tl.minimum(start + CHUNK, S)
+    for s0 in range(start, end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        m = cmask[:, None] & (s < end)[None, :]
+        x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=m, other=0.0)
+        z = _affine((x.to(tl.float32) - mean) * rstd, w_ptr, b_ptr, c[:, None], cmask[:, None], HAS_W, HAS_B)
+        if ACT:
+            z = _silu(z)
+        tl.store(y_ptr + n * syn + c[:, None] * syc + s[None, :] * sys, z.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def gn_bwd_partial(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr,
+                   C, G, CG, S, CHUNK, SPLIT, plane, sxn, sxc, sxs, sdn, sdc, sds,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per-channel sum(dz) and sum(dz * xhat) over one spatial chunk -> part[0|1, n*SPLIT+k, c]."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    k = tl.program_id(2)
+    cmask = c < C
+    mean = tl.load(mean_ptr + n * G + c // CG, mask=cmask, other=0.0)[:, None]
+    rstd = tl.load(rstd_ptr + n * G + c // CG, mask=cmask, other=0.0)[:, None]
+    start = k * CHUNK
+    end = tl.minimum(start + CHUNK, S)
+    acc_db = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
+    acc_dw = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
+    for s0 in range(start, end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        m = cmask[:, None] & (s < end)[None, :]
+        x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=m, other=0.0)
+        dy = tl.load(dy_ptr + n * sdn + c[:, None] * sdc + s[None, :] * sds, mask=m, other=0.0)
+        xhat = tl.where(m, (x.to(tl.float32) - mean) * rstd, 0.0)
+        z = _affine(xhat, w_ptr, b_ptr, c[:, None], cmask[:, None], HAS_W, HAS_B)
+        dz = tl.where(m, _dz(dy.to(tl.float32), z, ACT), 0.0)
+        acc_db += dz
+        acc_dw += dz * xhat
+    row = n * SPLIT + k
+    tl.store(part_ptr + row * C + c, tl.reduce(acc_db, 1, _sum), mask=cmask)
+    tl.store(part_ptr + plane + row * C + c, tl.reduce(acc_dw, 1, _sum), mask=cmask)
+
+
+@triton.jit
+def gn_bwd_finalize(part_ptr, w_ptr, coef_ptr, C, G, CG, SPLIT, plane, inv_cnt, NG,
+                    HAS_W: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Group means of w*dz and w*dz*xhat from the per-(channel, chunk) partials."""
+    pid = tl.program_id(0)
+    n = (pid // G).to(tl.int64)
+    g = pid % G
+    cg = tl.arange(0, BLOCK_CG)[:, None]
+    kk = tl.arange(0, BLOCK_K)[None, :]
+    acc1 = tl.zeros((BLOCK_CG, BLOCK_K), tl.float32)
+    acc2 = tl.zeros((BLOCK_CG, BLOCK_K), tl.float32)
+    for k0 in range(0, SPLIT, BLOCK_K):
+        k = k0 + kk
+        for c0 in range(0, CG, BLOCK_CG):
+            cm = c0 + cg < CG
+            m = cm & (k < SPLIT)
+            w = _weight(w_ptr, g * CG + c0 + cg, cm, HAS_W)
+            off = (n * SPLIT + k) * C + g * CG + c0 + cg
+            acc1 += w * tl.load(part_ptr + off, mask=m, other=0.0)
+            acc2 += w * tl.load(part_ptr + plane + off, mask=m, other=0.0)
+    tl.store(coef_ptr + pid, tl.reduce(tl.reduce(acc1, 1, _sum), 0, _sum) * inv_cnt)
+    tl.store(coef_ptr + NG + pid, tl.reduce(tl.reduce(acc2, 1, _sum), 0, _sum) * inv_cnt)
+
+
+@triton.jit
+def gn_bwd_apply(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, coef_ptr,
+                 C, G, CG, S, CHUNK, NG,
+                 sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos,
+                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    k = tl.program_id(2)
+    cmask = c < C
+    gi = n * G + c // CG
+    mean = tl.load(mean_ptr + gi, mask=cmask, other=0.0)[:, None]
+    rstd = tl.load(rstd_ptr + gi, mask=cmask, other=0.0)[:, None]
+    m1 = tl.load(coef_ptr + gi, mask=cmask, other=0.0)[:, None]
+    m2 = tl.load(coef_ptr + NG + gi, mask=cmask, other=0.0)[:, None]
+    w = _weight(w_ptr, c, cmask, HAS_W)[:, None]
+    start = k * CHUNK
+    end = tl.minimum(start + CHUNK, S)
+    for s0 in range(start, end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        m = cmask[:, None] & (s < end)[None, :]
+        x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=m, other=0.0)
+        dy = tl.load(dy_ptr + n * sdn + c[:, None] * sdc + s[None, :] * sds, mask=m, other=0.0)
+        xhat = (x.to(tl.float32) - mean) * rstd
+        z = _affine(xhat, w_ptr, b_ptr, c[:, None], cmask[:, None], HAS_W, HAS_B)
+        dz = _dz(dy.to(tl.float32), z, ACT)
+        dx = rstd * (dz * w - m1 - xhat * m2)
+        tl.store(dx_ptr + n * son + c[:, None] * soc + s[None, :] * sos, dx.to(dx_ptr.dtype.element_ty), mask=m)

@@ -1,0 +1,229 @@
+"""Noise-step Triton launchers, registered as torch.library custom ops (no graph breaks).
+
+Inputs arrive normalised by kernels/noise.py: t (and t_prev) int64 [N] and alphas_cumprod
+float64 on the tensors' device; seed and offset in [0, 2**63).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from kernels._group_norm_ops import _cdiv, _pow2, _viewable, ncs_strides
+
+MASK32 = 0xFFFFFFFF
+
+
+def _geometry(x: torch.Tensor) -> tuple[int, int, int, dict, tuple]:
+    """N, C, S, the tile constants and the grid for a tensor seen as [N, C, S]."""
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // max(1, n * c)
+    channel_fast = x.stride(1) == 1 and s > 1
+    if channel_fast:  # channels_last: a tile spans channels, which are contiguous
+        block_c = min(_pow2(c), 64)
+        block_s = max(4, min(_pow2(s), 2048 // block_c))
+    else:
+        block_s = max(4, min(_pow2(s), 1024))
+        block_c = min(_pow2(c), max(1, 2048 // block_s))
+    meta = dict(BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4 if block_c * block_s <= 1024 else 8)
+    return n, c, s, meta, (n, _cdiv(c, block_c), _cdiv(s, block_s))
+
+
+def _rng(seed: int, offset: int) -> tuple[int, int, int, int]:
+    return seed & MASK32, (seed >> 32) & MASK32, offset & MASK32, (offset >> 32) & MASK32
+
+
+def _strides(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    return _viewable(t)
+
+
+def normal(like: torch.Tensor, seed: int, offset: int, dtype: torch.dtype) -> torch.Tensor:
+    from kernels import _noise_triton as k
+
+    out = torch.empty_like(like, dtype=dtype)
+    if out.numel() == 0:
+        return out
+    n, c, s, meta, grid = _geometry(out)
+    k.normal_kernel[grid](out, c, s, _cdiv(s, 4), *_rng(seed, offset), *ncs_strides(out), **meta)
+    return out
+
+
+def q_sample(x0: torch.Tensor, noise: Optional[torch.Tensor], t: torch.Tensor, abar: torch.Tensor,
+             seed: int, offset: int) -> torch.Tensor:
+    from kernels import _noise_triton as k
+
+    x0, xs = _strides(x0)
+    out = torch.empty_like(x0)
+    if out.numel() == 0:
+        return out
+    e, es = _strides(noise) if noise is not None else (x0, xs)
+    n, c, s, meta, grid = _geometry(x0)
+    k.q_sample_kernel[grid](x0, e, out, t, abar, c, s, _cdiv(s, 4), *_rng(seed, offset),
+                            *xs, *es, *ncs_strides(out), HAS_EPS=noise is not None, **meta)
+    return out
+
+
+def eps_loss(pred: torch.Tensor, seed: int, offset: int, l1: bool) -> torch.Tensor:
+    from kernels import _noise_triton as k
+
+    pred, ps = _strides(pred)
+    n, c, s, meta, grid = _geometry(pred)
+    part = torch.empty(grid[0] * grid[1] * grid[2], device=pred.device, dtype=torch.float32)
+    if pred.numel():
+        k.eps_loss_fwd_kernel[grid](pred, part, c, s, _cdiv(s, 4), *_rng(seed, offset), *ps, L1=l1, **meta)
+    # Partial sums added in a fixed order (fp64): deterministic and accurate.
+    return (part.to(torch.float64).sum() / max(1, pred.numel())).to(torch.float32)
+
+
+def eps_loss_backward(grad: torch.Tensor, pred: torch.Tensor, seed: int, offset: int, l1: bool) -> torch.Tensor:
+    from kernels import _noise_triton as k
+
+    pred, ps = _strides(pred)
+    out = torch.empty_like(pred)
+    if out.numel() == 0:
+        return out
+    n, c, s, meta, grid = _geometry(pred)
+    g = grad.to(device=pred.device, dtype=torch.float32).reshape(())
+    k.eps_loss_bwd_kernel[grid](pred, g, out, 1.0 / pred.numel(), c, s, _cdiv(s, 4), *_rng(seed, offset),
+                                *ps, *ncs_strides(out), L1=l1, **meta)
+    return out
+
+
+def ddpm_step(x: torch.Tensor, eps: torch.Tensor, eps_cond: Optional[torch.Tensor], scale: float,
+              t: torch.Tensor, abar: torch.Tensor, clip: bool, large_var: bool, seed: int, offset: int) -> torch.Tensor:
+    from kernels import _noise_triton as k
+
+    x, xs = _strides(x)
+    eps, es = _strides(eps)
+    ec, cs = _strides(eps_cond) if eps_cond is not None else (eps, es)
+    out = torch.empty_like(x)
+    if out.numel() == 0:
+        return out
+    n, c, s, meta, grid = _geometry(x)
+    k.ddpm_step_kernel[grid](x, eps, ec, out, t, abar, float(scale), c, s, _cdiv(s, 4), *_rng(seed, offset),
+                             *xs, *es, *cs, *ncs_strides(out), CFG=eps_cond is not None, CLIP=clip,
+                             LARGE_VAR=large_var, **meta)
+    return out
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, eps_cond: Optional[torch.Tensor], scale: float,
+              t: torch.Tensor, t_prev: torch.Tensor, abar: torch.Tensor, eta: float, clip: bool,
+              seed: int, offset: int) -> torch.Tensor:
+    from kernels import _noise_triton as k
+
+    x, xs = _strides(x)
+    eps, es = _strides(eps)
+    ec, cs = _strides(eps_cond) if eps_cond is not None else (eps, es)
+    out = torch.empty_like(x)
+    if out.numel() == 0:
+        return out
+    n, c, s, meta, grid = _geometry(x)
+    k.ddim_step_kernel[grid](x, eps, ec, out, t, t_prev, abar, float(scale), float(eta), c, s, _cdiv(s, 4),
+                             *_rng(seed, offset), *xs, *es, *cs, *ncs_strides(out),
+                             CFG=eps_cond is not None, CLIP=clip, **meta)
+    return out
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+_LIB = "genscale_kernels"
+
+
+def _empty_like_viewable(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    base = x if ncs_strides(x) is not None else x.contiguous()
+    return torch.empty_like(base, dtype=dtype)
+
+
+@torch.library.custom_op(f"{_LIB}::philox_normal", mutates_args=())
+def philox_normal_op(like: torch.Tensor, seed: int, offset: int, dtype: torch.dtype) -> torch.Tensor:
+    return normal(like, seed, offset, dtype)
+
+
+@philox_normal_op.register_fake
+def _(like, seed, offset, dtype):
+    return torch.empty_like(like, dtype=dtype)
+
+
+@torch.library.custom_op(f"{_LIB}::q_sample", mutates_args=())
+def q_sample_op(x0: torch.Tensor, noise: Optional[torch.Tensor], t: torch.Tensor, abar: torch.Tensor,
+                seed: int, offset: int) -> torch.Tensor:
+    return q_sample(x0, noise, t, abar, seed, offset)
+
+
+@q_sample_op.register_fake
+def _(x0, noise, t, abar, seed, offset):
+    return _empty_like_viewable(x0)
+
+
+def _q_setup(ctx, inputs, output) -> None:
+    _x0, noise, t, abar, _seed, _offset = inputs
+    ctx.save_for_backward(t, abar)
+    ctx.has_noise = noise is not None
+
+
+def _q_backward(ctx, grad):
+    t, abar = ctx.saved_tensors
+    a = abar[t].to(torch.float32).reshape((-1,) + (1,) * (grad.dim() - 1))
+    d_noise = grad * torch.sqrt(1.0 - a).to(grad.dtype) if ctx.has_noise else None
+    return grad * torch.sqrt(a).to(grad.dtype), d_noise, None, None, None, None
+
+
+q_sample_op.register_autograd(_q_backward, setup_context=_q_setup)
+
+
+@torch.library.custom_op(f"{_LIB}::eps_loss", mutates_args=())
+def eps_loss_op(pred: torch.Tensor, seed: int, offset: int, l1: bool) -> torch.Tensor:
+    return eps_loss(pred, seed, offset, l1)
+
+
+@eps_loss_op.register_fake
+def _(pred, seed, offset, l1):
+    return pred.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_LIB}::eps_loss_backward", mutates_args=())
+def eps_loss_backward_op(grad: torch.Tensor, pred: torch.Tensor, seed: int, offset: int, l1: bool) -> torch.Tensor:
+    return eps_loss_backward(grad, pred, seed, offset, l1)
+
+
+@eps_loss_backward_op.register_fake
+def _(grad, pred, seed, offset, l1):
+    return _empty_like_viewable(pred)
+
+
+def _loss_setup(ctx, inputs, output) -> None:
+    pred, seed, offset, l1 = inputs
+    ctx.save_for_backward(pred)
+    ctx.seed, ctx.offset, ctx.l1 = seed, offset, l1
+
+
+def _loss_backward(ctx, grad):
+    (pred,) = ctx.saved_tensors
+    return eps_loss_backward_op(grad, pred, ctx.seed, ctx.offset, ctx.l1), None, None, None
+
+
+eps_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
+
+
+@torch.library.custom_op(f"{_LIB}::ddpm_step", mutates_args=())
+def ddpm_step_op(x: torch.Tensor, eps: torch.Tensor, eps_cond: Optional[torch.Tensor], scale: float,
+                 t: torch.Tensor, abar: torch.Tensor, clip: bool, large_var: bool, seed: int,
+                 offset: int) -> torch.Tensor:
+    return ddpm_step(x, eps, eps_cond, scale, t, abar, clip, large_var, seed, offset)
+
+
+@ddpm_step_op.register_fake
+def _(x, eps, eps_cond, scale, t, abar, clip, large_var, seed, offset):
+    return _empty_like_viewable(x)
+
+
+@torch.library.custom_op(f"{_LIB}::ddim_step", mutates_args=())
+def ddim_step_op(x: torch.Tensor, eps: torch.Tensor, eps_cond: Optional[torch.Tensor], scale: float,
+                 t: torch.Tensor, t_prev: torch.Tensor, abar: torch.Tensor, eta: float, clip: bool,
+                 seed: int, offset: int) -> torch.Tensor:
+    return ddim_step(x, eps, eps_cond, scale, t, t_prev, abar, eta, clip, seed, offset)
+
+
+@ddim_step_op.register_fake
+def _(x, eps, eps_cond, scale, t, t_prev, abar, eta, clip, seed, offset):
+    return _empty_like_viewable(x)

@@ -1,0 +1,203 @@
+"""Triton kernels for the diffusion noise steps: one pass over memory each.
+
+Tensors are seen as [N, C, S] with their own strides (NCHW and channels_last without copies);
+a program owns a [BLOCK_C, BLOCK_S] tile of one sample, so per-sample schedule coefficients are
+scalars computed once per program, in fp64, from the alphas_cumprod table. Normal draws follow
+kernels/_philox.py exactly: one Philox4x32-10 call per quad of 4 neighbouring spatial elements
+feeds all four through Box-Muller, so the counter arithmetic is shared 4 ways.
+
+Only triton builtins and local jit helpers are called (see _group_norm_triton.py for why).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels._group_norm_triton import _sum
+
+_RNG_ARGS = ["k0", "k1", "o0", "o1"]  # never specialised: values change every call
+
+
+@triton.jit
+def _philox(c0, c1, c2, c3, k0, k1):
+    for _ in tl.static_range(10):
+        a0 = c0
+        a2 = c2
+        c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
+        c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
+        c1 = a2 * 0xCD9E8D57
+        c3 = a0 * 0xD2511F53
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _uniform(word):
+    # 23 random bits + 1/2: exact in fp32 and strictly inside (0, 1), so log() is finite.
+    return ((word >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+
+
+@triton.jit
+def _normal_tile(k0, k1, o0, o1, n, c, C, SQ, q0, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Draws for channels c (int64 [BLOCK_C]) x spatial [4 q0, 4 q0 + BLOCK_S) of sample n."""
+    row = n * C + c
+    q = row[:, None] * SQ + (q0 + tl.arange(0, BLOCK_S // 4))[None, :]
+    c0 = (q & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (q >> 32).to(tl.uint32)
+    zero = c0 * 0
+    w0, w1, w2, w3 = _philox(c0, c1, zero + o0, zero + o1, k0, k1)
+    r0 = tl.sqrt(-2.0 * tl.log(_uniform(w0)))
+    r1 = tl.sqrt(-2.0 * tl.log(_uniform(w2)))
+    t0 = 6.283185307179586 * _uniform(w1)
+    t1 = 6.283185307179586 * _uniform(w3)
+    z = tl.join(tl.join(r0 * tl.cos(t0), r1 * tl.cos(t1)), tl.join(r0 * tl.sin(t0), r1 * tl.sin(t1)))
+    return tl.reshape(z, (BLOCK_C, BLOCK_S))
+
+
+@triton.jit
+def _tile(C, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    s = tl.program_id(2) * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = (c < C)[:, None] & (s < S)[None, :]
+    return n, c, s, mask
+
+
+@triton.jit
+def _rng_key(k0, k1, o0, o1):
+    return k0.to(tl.uint32), k1.to(tl.uint32), o0.to(tl.uint32), o1.to(tl.uint32)
+
+
+@triton.jit(do_not_specialize=_RNG_ARGS)
+def normal_kernel(out_ptr, C, S, SQ, k0, k1, o0, o1, son, soc, sos,
+                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
+    k0, k1, o0, o1 = _rng_key(k0, k1, o0, o1)
+    eps = _normal_tile(k0, k1, o0, o1, n, c, C, SQ, tl.program_id(2) * (BLOCK_S // 4), BLOCK_C, BLOCK_S)
+    tl.store(out_ptr + n * son + c[:, None] * soc + s[None, :] * sos, eps.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=_RNG_ARGS)
+def q_sample_kernel(x_ptr, e_ptr, out_ptr, t_ptr, abar_ptr, C, S, SQ, k0, k1, o0, o1,
+                    sxn, sxc, sxs, sen, sec, ses, son, soc, sos,
+                    HAS_EPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """x_t = sqrt(abar[t_n]) x0 + sqrt(1 - abar[t_n]) eps, eps loaded or drawn."""
+    n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
+    a = tl.load(abar_ptr + tl.load(t_ptr + n)).to(tl.float64)
+    ca = tl.sqrt(a).to(tl.float32)
+    cb = tl.sqrt(1.0 - a).to(tl.float32)
+    x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_EPS:
+        eps = tl.load(e_ptr + n * sen + c[:, None] * sec + s[None, :] * ses, mask=mask, other=0.0).to(tl.float32)
+    else:
+        r0, r1, r2, r3 = _rng_key(k0, k1, o0, o1)
+        eps = _normal_tile(r0, r1, r2, r3, n, c, C, SQ, tl.program_id(2) * (BLOCK_S // 4), BLOCK_C, BLOCK_S)
+    out = ca * x + cb * eps
+    tl.store(out_ptr + n * son + c[:, None] * soc + s[None, :] * sos, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=_RNG_ARGS)
+def eps_loss_fwd_kernel(p_ptr, part_ptr, C, S, SQ, k0, k1, o0, o1, spn, spc, sps,
+                        L1: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One partial sum of (pred - eps)^2 or |pred - eps| per program; the host adds them in order."""
+    n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
+    k0, k1, o0, o1 = _rng_key(k0, k1, o0, o1)
+    eps = _normal_tile(k0, k1, o0, o1, n, c, C, SQ, tl.program_id(2) * (BLOCK_S // 4), BLOCK_C, BLOCK_S)
+    p = tl.load(p_ptr + n * spn + c[:, None] * spc + s[None, :] * sps, mask=mask, other=0.0).to(tl.float32)
+    d = tl.where(mask, p - eps, 0.0)
+    if L1:
+        v = tl.abs(d)
+    else:
+        v = d * d
+    pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+    tl.store(part_ptr + pid, tl.reduce(tl.reduce(v, 1, _sum), 0, _sum))
+
+
+@triton.jit(do_not_specialize=_RNG_ARGS)
+def eps_loss_bwd_kernel(p_ptr, g_ptr, dp_ptr, scale, C, S, SQ, k0, k1, o0, o1,
+                        spn, spc, sps, son, soc, sos,
+                        L1: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """dpred = g * scale * (2 (pred - eps) | sign(pred - eps)); eps drawn again, never stored."""
+    n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
+    k0, k1, o0, o1 = _rng_key(k0, k1, o0, o1)
+    eps = _normal_tile(k0, k1, o0, o1, n, c, C, SQ, tl.program_id(2) * (BLOCK_S // 4), BLOCK_C, BLOCK_S)
+    p = tl.load(p_ptr + n * spn + c[:, None] * spc + s[None, :] * sps, mask=mask, other=0.0).to(tl.float32)
+    d = p - eps
+    g = tl.load(g_ptr).to(tl.float32) * scale
+    if L1:
+        dp = tl.where(d > 0, g, tl.where(d < 0, -g, 0.0))
+    else:
+        dp = (2.0 * g) * d
+    tl.store(dp_ptr + n * son + c[:, None] * soc + s[None, :] * sos, dp.to(dp_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _guided_eps(eu_ptr, ec_ptr, scale, n, c, s, mask, seun, seuc, seus, secn, secc, secs, CFG: tl.constexpr):
+    eu = tl.load(eu_ptr + n * seun + c[:, None] * seuc + s[None, :] * seus, mask=mask, other=0.0).to(tl.float32)
+    if CFG:
+        ec = tl.load(ec_ptr + n * secn + c[:, None] * secc + s[None, :] * secs, mask=mask, other=0.0)
+        eu = eu + scale * (ec.to(tl.float32) - eu)
+    return eu
+
+
+@triton.jit(do_not_specialize=_RNG_ARGS)
+def ddpm_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, abar_ptr, scale, C, S, SQ, k0, k1, o0, o1,
+                     sxn, sxc, sxs, seun, seuc, seus, secn, secc, secs, son, soc, sos,
+                     CFG: tl.constexpr, CLIP: tl.constexpr, LARGE_VAR: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Ancestral step t -> t-1: posterior mean from x0_hat (optionally clipped) + sigma_t z."""
+    n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
+    t = tl.load(t_ptr + n)
+    a_t = tl.load(abar_ptr + t).to(tl.float64)
+    a_prev = tl.where(t > 0, tl.load(abar_ptr + tl.maximum(t - 1, 0)).to(tl.float64), 1.0)
+    alpha = a_t / a_prev
+    beta = 1.0 - alpha
+    cx = (1.0 / tl.sqrt(a_t)).to(tl.float32)
+    ce = tl.sqrt((1.0 - a_t) / a_t).to(tl.float32)
+    m1 = (beta * tl.sqrt(a_prev) / (1.0 - a_t)).to(tl.float32)
+    m2 = ((1.0 - a_prev) * tl.sqrt(alpha) / (1.0 - a_t)).to(tl.float32)
+    if LARGE_VAR:
+        var = beta
+    else:
+        var = beta * (1.0 - a_prev) / (1.0 - a_t)
+    sigma = tl.sqrt(var).to(tl.float32)
+    x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
+    eps = _guided_eps(eu_ptr, ec_ptr, scale, n, c, s, mask, seun, seuc, seus, secn, secc, secs, CFG)
+    x0 = cx * x - ce * eps
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+    out = m1 * x0 + m2 * x
+    if t > 0:  # the last step adds no noise
+        r0, r1, r2, r3 = _rng_key(k0, k1, o0, o1)
+        z = _normal_tile(r0, r1, r2, r3, n, c, C, SQ, tl.program_id(2) * (BLOCK_S // 4), BLOCK_C, BLOCK_S)
+        out = out + sigma * z
+    tl.store(out_ptr + n * son + c[:, None] * soc + s[None, :] * sos, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=_RNG_ARGS)
+def ddim_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, tp_ptr, abar_ptr, scale, eta, C, S, SQ,
+                     k0, k1, o0, o1, sxn, sxc, sxs, seun, seuc, seus, secn, secc, secs, son, soc, sos,
+                     CFG: tl.constexpr, CLIP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """DDIM step t -> t_prev (t_prev < 0 means abar = 1): sqrt(a') x0 + sqrt(1 - a' - sig^2) eps + sig z."""
+    n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
+    a_t = tl.load(abar_ptr + tl.load(t_ptr + n)).to(tl.float64)
+    tp = tl.load(tp_ptr + n)
+    a_p = tl.where(tp >= 0, tl.load(abar_ptr + tl.maximum(tp, 0)).to(tl.float64), 1.0)
+    sig = eta * tl.sqrt((1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p))
+    cx = (1.0 / tl.sqrt(a_t)).to(tl.float32)
+    ce = tl.sqrt((1.0 - a_t) / a_t).to(tl.float32)
+    c_x0 = tl.sqrt(a_p).to(tl.float32)
+    c_dir = tl.sqrt(tl.maximum(1.0 - a_p - sig * sig, 0.0)).to(tl.float32)
+    sigma = sig.to(tl.float32)
+    x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
+    eps = _guided_eps(eu_ptr, ec_ptr, scale, n, c, s, mask, seun, seuc, seus, secn, secc, secs, CFG)
+    x0 = cx * x - ce * eps
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+    out = c_x0 * x0 + c_dir * eps
+    if sigma > 0:
+        r0, r1, r2, r3 = _rng_key(k0, k1, o0, o1)
+        z = _normal_tile(r0, r1, r2, r3, n, c, C, SQ, tl.program_id(2) * (BLOCK_S // 4), BLOCK_C, BLOCK_S)
+        out = out + sigma * z
+    tl.store(out_ptr + n * son + c[:, None] * soc + s[None, :] * sos, out.to(out_ptr.dtype.element_ty), mask=mask)

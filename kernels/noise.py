@@ -1,0 +1,187 @@
+"""Diffusion noise steps: forward noising, the fused eps-prediction loss, DDPM and DDIM steps.
+
+Conventions shared by every function (DDPM, Ho et al. 2020; DDIM, Song et al. 2021):
+* ``alphas_cumprod`` is abar[0..T-1], abar[t] = prod_{i<=t} (1 - beta_i); pass it as float64 on
+  the tensors' device to avoid a conversion per call.
+* ``t`` (and ``t_prev``) is an int or an integer tensor [N], one timestep per sample, in [0, T).
+* Draws come from Philox4x32-10 keyed by ``seed`` at stream ``offset`` (see kernels/_philox.py):
+  the same (seed, offset) gives the same eps for the same element, on any backend's grid and in
+  any memory format; use a new offset (e.g. the step number) for each new draw.
+* Outputs keep the dtype and memory format of the first tensor argument; arithmetic is fp32
+  (fp64 for fp64 inputs), schedule coefficients are computed in fp64.
+CUDA tensors run the Triton kernels (one pass over memory each), anything else the eager
+reference below, which is also the oracle of the tests.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import _noise_ops
+from kernels._dispatch import use_triton
+from kernels._philox import check_seed_offset, normal_like_reference
+
+_LOSSES = ("l1", "l2")
+_VARIANCES = ("posterior", "beta")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _steps(t: torch.Tensor | int, n: int, device: torch.device, name: str = "t") -> torch.Tensor:
+    t = torch.as_tensor(t, device=device)
+    if t.is_floating_point() or t.dim() > 1 or (t.dim() == 1 and t.shape[0] != n):
+        raise ValueError(f"{name} must be an int or an integer tensor of shape ({n},); got {tuple(t.shape)} {t.dtype}")
+    return t.to(torch.int64).expand(n).contiguous()
+
+
+def _table(alphas_cumprod: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if alphas_cumprod.dim() != 1:
+        raise ValueError(f"alphas_cumprod must be 1-D; got shape {tuple(alphas_cumprod.shape)}")
+    return alphas_cumprod.to(device=device, dtype=torch.float64)
+
+
+def _check_like(x: torch.Tensor, **others: torch.Tensor | None) -> None:
+    if x.dim() < 2 or not x.is_floating_point():
+        raise ValueError(f"expected a floating tensor [N, C, ...]; got {tuple(x.shape)} {x.dtype}")
+    for name, other in others.items():
+        if other is not None and other.shape != x.shape:
+            raise ValueError(f"{name} must have shape {tuple(x.shape)}; got {tuple(other.shape)}")
+
+
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.to(_compute_dtype(like)).reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _as_layout_of(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(like)
+    out.copy_(value)
+    return out
+
+
+def _draws(like: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+    return normal_like_reference(like.shape, seed, offset, _compute_dtype(like), like.device)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def philox_normal(like: torch.Tensor, seed: int, offset: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The eps that q_sample / eps_loss draw for a tensor shaped like ``like`` (same layout)."""
+    _check_like(like)
+    check_seed_offset(seed, offset)
+    if use_triton(like):
+        return _noise_ops.philox_normal_op(like, int(seed), int(offset), dtype)
+    out = torch.empty_like(like, dtype=dtype)
+    out.copy_(normal_like_reference(like.shape, seed, offset, torch.float64 if dtype == torch.float64 else torch.float32,
+                                    like.device))
+    return out
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor | int, alphas_cumprod: torch.Tensor,
+             noise: torch.Tensor | None = None, *, seed: int = 0, offset: int = 0) -> torch.Tensor:
+    """x_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) eps; eps = ``noise`` if given, else drawn at (seed, offset)."""
+    _check_like(x0, noise=noise)
+    check_seed_offset(seed, offset)
+    t = _steps(t, x0.shape[0], x0.device)
+    abar = _table(alphas_cumprod, x0.device)
+    if use_triton(x0, noise):
+        return _noise_ops.q_sample_op(x0, noise, t, abar, int(seed), int(offset))
+    a = abar[t]
+    eps = noise.to(_compute_dtype(x0)) if noise is not None else _draws(x0, seed, offset)
+    xt = _per_sample(torch.sqrt(a), x0) * x0.to(eps.dtype) + _per_sample(torch.sqrt(1.0 - a), x0) * eps
+    return _as_layout_of(xt, x0)
+
+
+def eps_loss(pred: torch.Tensor, seed: int, offset: int = 0, kind: str = "l2") -> torch.Tensor:
+    """mean((pred - eps)^2) (``kind="l2"``) or mean(|pred - eps|) with eps regenerated from (seed, offset).
+
+    eps is the one q_sample drew with the same (seed, offset) for a tensor of pred's shape; it is
+    drawn again in the backward pass instead of being stored. Returns an fp32 scalar.
+    """
+    _check_like(pred)
+    check_seed_offset(seed, offset)
+    if kind not in _LOSSES:
+        raise ValueError(f"kind must be 'l1' or 'l2'; got {kind!r}")
+    if use_triton(pred) and pred.dtype != torch.float64:
+        return _noise_ops.eps_loss_op(pred, int(seed), int(offset), kind == "l1")
+    d = pred.to(_compute_dtype(pred)) - _draws(pred, seed, offset)
+    return d.abs().mean() if kind == "l1" else (d * d).mean()
+
+
+def _guided(eps: torch.Tensor, eps_cond: torch.Tensor | None, scale: float, cd: torch.dtype) -> torch.Tensor:
+    e = eps.to(cd)
+    return e if eps_cond is None else e + scale * (eps_cond.to(cd) - e)
+
+
+def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, alphas_cumprod: torch.Tensor, *,
+              eps_cond: torch.Tensor | None = None, guidance_scale: float = 1.0, clip_x0: bool = False,
+              variance: str = "posterior", seed: int = 0, offset: int = 0) -> torch.Tensor:
+    """One ancestral DDPM step t -> t-1.
+
+    eps is the predicted noise; with ``eps_cond`` it is the unconditional prediction and the
+    step uses eps + guidance_scale * (eps_cond - eps). x0_hat = (x_t - sqrt(1-abar_t) eps) /
+    sqrt(abar_t), clamped to [-1, 1] when ``clip_x0``; the result is the posterior mean
+    beta_t sqrt(abar_{t-1}) / (1-abar_t) x0_hat + (1-abar_{t-1}) sqrt(alpha_t) / (1-abar_t) x_t
+    plus sigma_t z, z drawn at (seed, offset), sigma_t^2 = beta_t (1-abar_{t-1}) / (1-abar_t)
+    (``variance="posterior"``) or beta_t (``"beta"``); no noise where t == 0 (abar_{-1} = 1).
+    """
+    _check_like(x_t, eps=eps, eps_cond=eps_cond)
+    check_seed_offset(seed, offset)
+    if variance not in _VARIANCES:
+        raise ValueError(f"variance must be 'posterior' or 'beta'; got {variance!r}")
+    t = _steps(t, x_t.shape[0], x_t.device)
+    abar = _table(alphas_cumprod, x_t.device)
+    if use_triton(x_t, eps, eps_cond) and x_t.dtype != torch.float64:
+        return _noise_ops.ddpm_step_op(x_t, eps, eps_cond, float(guidance_scale), t, abar, bool(clip_x0),
+                                       variance == "beta", int(seed), int(offset))
+    cd = _compute_dtype(x_t)
+    a_t = abar[t]
+    a_prev = torch.where(t > 0, abar[(t - 1).clamp(min=0)], torch.ones_like(a_t))
+    alpha = a_t / a_prev
+    beta = 1.0 - alpha
+    var = beta if variance == "beta" else beta * (1.0 - a_prev) / (1.0 - a_t)
+    sigma = torch.where(t > 0, torch.sqrt(var), torch.zeros_like(var))
+    x = x_t.to(cd)
+    e = _guided(eps, eps_cond, guidance_scale, cd)
+    x0 = _per_sample(1.0 / torch.sqrt(a_t), x_t) * x - _per_sample(torch.sqrt((1.0 - a_t) / a_t), x_t) * e
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
+    mean = (_per_sample(beta * torch.sqrt(a_prev) / (1.0 - a_t), x_t) * x0
+            + _per_sample((1.0 - a_prev) * torch.sqrt(alpha) / (1.0 - a_t), x_t) * x)
+    return _as_layout_of(mean + _per_sample(sigma, x_t) * _draws(x_t, seed, offset), x_t)
+
+
+def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, t_prev: torch.Tensor | int,
+              alphas_cumprod: torch.Tensor, *, eps_cond: torch.Tensor | None = None,
+              guidance_scale: float = 1.0, eta: float = 0.0, clip_x0: bool = False,
+              seed: int = 0, offset: int = 0) -> torch.Tensor:
+    """One DDIM step t -> t_prev (t_prev < 0 means abar = 1, the final step).
+
+    x_{t'} = sqrt(abar_t') x0_hat + sqrt(1 - abar_t' - sigma^2) eps + sigma z, with
+    sigma = eta sqrt((1-abar_t')/(1-abar_t)) sqrt(1 - abar_t/abar_t'); x0_hat as in ddpm_step
+    (clamped when ``clip_x0``; eps itself is not recomputed), guidance as in ddpm_step.
+    """
+    _check_like(x_t, eps=eps, eps_cond=eps_cond)
+    check_seed_offset(seed, offset)
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0; got {eta}")
+    n = x_t.shape[0]
+    t, t_prev = _steps(t, n, x_t.device), _steps(t_prev, n, x_t.device, "t_prev")
+    abar = _table(alphas_cumprod, x_t.device)
+    if use_triton(x_t, eps, eps_cond) and x_t.dtype != torch.float64:
+        return _noise_ops.ddim_step_op(x_t, eps, eps_cond, float(guidance_scale), t, t_prev, abar, float(eta),
+                                       bool(clip_x0), int(seed), int(offset))
+    cd = _compute_dtype(x_t)
+    a_t = abar[t]
+    a_p = torch.where(t_prev >= 0, abar[t_prev.clamp(min=0)], torch.ones_like(a_t))
+    sigma = eta * torch.sqrt((1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p))
+    e = _guided(eps, eps_cond, guidance_scale, cd)
+    x0 = _per_sample(1.0 / torch.sqrt(a_t), x_t) * x_t.to(cd) - _per_sample(torch.sqrt((1.0 - a_t) / a_t), x_t) * e
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
+    c_dir = torch.sqrt((1.0 - a_p - sigma * sigma).clamp(min=0.0))
+    out = _per_sample(torch.sqrt(a_p), x_t) * x0 + _per_sample(c_dir, x_t) * e
+    if eta > 0:
+        out = out + _per_sample(sigma, x_t) * _draws(x_t, seed, offset)
+    return _as_layout_of(out, x_t)

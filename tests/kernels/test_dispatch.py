@@ -1,0 +1,59 @@
+"""Backend dispatch: GENSCALE_KERNELS, the CPU fallback, and the errors a wrong setting gives."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import _group_norm_ops, _noise_ops
+from kernels._dispatch import use_triton
+
+
+def _forbid_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args, **kwargs):
+        raise AssertionError("the Triton path was taken")
+
+    monkeypatch.setattr(_group_norm_ops, "group_norm_silu_fwd", boom)
+    monkeypatch.setattr(_noise_ops, "q_sample_op", boom)
+
+
+@pytest.mark.parametrize("mode", ["", "auto", "eager"])
+def test_cpu_tensors_use_the_eager_reference(monkeypatch, mode):
+    monkeypatch.setenv("GENSCALE_KERNELS", mode)
+    _forbid_triton(monkeypatch)
+    x = torch.randn(2, 4, 3, 3)
+    assert not use_triton(x)
+    kernels.group_norm_silu(x, None, None, 2)
+    kernels.q_sample(x, 0, torch.linspace(0.99, 0.01, 10, dtype=torch.float64), seed=1)
+
+
+def test_eager_mode_wins_even_on_cuda(monkeypatch):
+    monkeypatch.setenv("GENSCALE_KERNELS", "eager")
+    meta = torch.empty(2, 4, 3, 3, device="meta")
+    assert not use_triton(meta)
+
+
+def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("GENSCALE_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.group_norm_silu(torch.randn(1, 4, 2, 2), None, None, 2)
+
+
+def test_unknown_mode_is_rejected(monkeypatch):
+    monkeypatch.setenv("GENSCALE_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="GENSCALE_KERNELS"):
+        kernels.group_norm_silu(torch.randn(1, 4, 2, 2), None, None, 2)
+
+
+def test_forced_triton_takes_the_custom_op(device, monkeypatch):
+    calls = []
+    real = _group_norm_ops.group_norm_silu_fwd
+
+    def spy(*args):
+        calls.append(args[3])
+        return real(*args)
+
+    monkeypatch.setattr(_group_norm_ops, "group_norm_silu_fwd", spy)
+    kernels.group_norm_silu(torch.randn(1, 4, 2, 2, device=device), None, None, 2)
+    assert calls == [2]

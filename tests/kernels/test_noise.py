@@ -1,0 +1,233 @@
+"""Noise-step kernels against their closed forms (float64), and the Philox draws they share."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels._philox import normal_like_reference, philox4x32
+
+T = 1000
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def abar_table(device) -> torch.Tensor:
+    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, 0).to(device)
+
+
+def make(shape, channels_last: bool, device, dtype=torch.float32) -> torch.Tensor:
+    x = torch.randn(shape, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x.to(device=device, dtype=dtype)
+
+
+def draws(shape, seed: int, offset: int) -> torch.Tensor:
+    return normal_like_reference(shape, seed, offset, torch.float64)
+
+
+def per_sample(v: torch.Tensor) -> torch.Tensor:
+    return v.double().cpu().view(-1, 1, 1, 1)
+
+
+SHAPE = (3, 5, 6, 7)  # S = 42: quads straddle nothing, the last quad of each row is partial
+STEPS = torch.tensor([0, 499, 999])
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+# ----------------------------------------------------------------------------- Philox itself
+
+
+def test_philox_known_answers():
+    """Random123's published Philox4x32-10 vectors."""
+    cases = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ]
+    for counter, key, expected in cases:
+        words = philox4x32(tuple(torch.tensor([w], dtype=torch.int64) for w in counter), key)
+        assert tuple(int(w) for w in words) == expected
+
+
+def test_draw_statistics():
+    """2^20 reference draws: mean 0, std 1, normal shape, no correlation with neighbours or streams."""
+    n = 1 << 20
+    z = draws((16, 4, 128, 128), 2024, 5).flatten()
+    bound = 5.0 / math.sqrt(n)
+    assert abs(z.mean().item()) < bound
+    assert abs(z.std().item() - 1.0) < 5.0 * math.sqrt(0.5 / n)
+    assert abs((z**4).mean().item() - 3.0) < 0.05  # kurtosis of a normal
+    for lag in (1, 2, 3, 4, 5):  # inside a quad (1..3) and across quads (4, 5)
+        assert abs(torch.corrcoef(torch.stack([z[:-lag], z[lag:]]))[0, 1].item()) < bound
+    for other in (draws((16, 4, 128, 128), 2024, 6).flatten(), draws((16, 4, 128, 128), 2025, 5).flatten()):
+        assert abs(torch.corrcoef(torch.stack([z, other]))[0, 1].item()) < bound
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert scipy_stats.kstest(z[:200_000].numpy(), "norm").pvalue > 1e-4
+
+
+def test_kernel_draws_equal_the_reference_in_any_layout(device, poison):
+    ref = draws(SHAPE, 77, 3)
+    nchw = kernels.philox_normal(make(SHAPE, False, device), 77, 3)
+    cl = kernels.philox_normal(make(SHAPE, True, device), 77, 3)
+    assert rel_err(nchw, ref) <= 1e-6
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(cl.contiguous(), nchw)  # the draw depends on the element, not the layout
+    big = kernels.philox_normal(torch.empty(4, 4, 64, 64, device=device), 9, 2**40 + 1).flatten()
+    assert abs(big.mean().item()) < 5 / 256 and abs(big.std().item() - 1) < 0.02
+
+
+# ----------------------------------------------------------------------------- forward noising
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_q_sample_closed_form(device, poison, dtype, channels_last):
+    x0 = make(SHAPE, channels_last, device, dtype)
+    abar = abar_table(device)
+    xt = kernels.q_sample(x0, STEPS.to(device), abar, seed=11, offset=4)
+    a = per_sample(abar.cpu()[STEPS])
+    expected = a.sqrt() * x0.double().cpu() + (1 - a).sqrt() * draws(SHAPE, 11, 4)
+    assert xt.dtype == dtype and xt.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert rel_err(xt, expected) <= TOL[dtype]
+    noise = make(SHAPE, not channels_last, device, dtype)  # explicit eps in the other layout
+    xt2 = kernels.q_sample(x0, 499, abar, noise)
+    a = abar.cpu()[499]
+    assert rel_err(xt2, a.sqrt() * x0.double().cpu() + (1 - a).sqrt() * noise.double().cpu()) <= TOL[dtype]
+
+
+def test_regenerated_eps_is_bit_identical(device):
+    """The eps inside x_t, the eps philox_normal returns, and the eps the loss draws are one tensor."""
+    x0 = make(SHAPE, False, device)
+    abar = abar_table(device)
+    eps = kernels.philox_normal(x0, 123, 7)
+    assert torch.equal(kernels.q_sample(x0, STEPS.to(device), abar, seed=123, offset=7),
+                       kernels.q_sample(x0, STEPS.to(device), abar, eps))
+    assert kernels.eps_loss(eps, 123, 7).item() == 0.0
+    assert kernels.eps_loss(eps.to(memory_format=torch.channels_last), 123, 7, kind="l1").item() == 0.0
+    assert kernels.eps_loss(eps, 123, 8).item() > 1.0  # another stream is another draw
+
+
+# ----------------------------------------------------------------------------- fused loss
+
+
+@pytest.mark.parametrize("kind", ["l2", "l1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_eps_loss_and_gradient(device, poison, kind, dtype, channels_last):
+    pred = make(SHAPE, channels_last, device, dtype).requires_grad_()
+    loss = kernels.eps_loss(pred, 5, 9, kind=kind)
+    (3.0 * loss).backward()
+    d = pred.detach().double().cpu() - draws(SHAPE, 5, 9)
+    expected = (d * d).mean() if kind == "l2" else d.abs().mean()
+    grad = 3.0 * (2.0 * d if kind == "l2" else torch.sign(d)) / d.numel()
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert abs(loss.item() - expected.item()) <= 1e-6 * expected.item()
+    assert pred.grad.dtype == dtype
+    assert pred.grad.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert rel_err(pred.grad, grad) <= TOL[dtype]
+
+
+# ----------------------------------------------------------------------------- reverse steps
+
+
+def guided(eps, eps_cond, scale):
+    e = eps.double().cpu()
+    return e if eps_cond is None else e + scale * (eps_cond.double().cpu() - e)
+
+
+@pytest.mark.parametrize("cfg", [False, True], ids=["plain", "cfg"])
+@pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
+@pytest.mark.parametrize("variance", ["posterior", "beta"])
+def test_ddpm_step_closed_form(device, poison, cfg, clip, variance):
+    x = make(SHAPE, False, device)
+    eps, eps_cond = make(SHAPE, False, device), make(SHAPE, True, device) if cfg else None
+    abar = abar_table(device)
+    betas = 1.0 - abar.cpu() / torch.cat([torch.ones(1, dtype=torch.float64), abar.cpu()[:-1]])
+    out = kernels.ddpm_step(x, eps, STEPS.to(device), abar, eps_cond=eps_cond, guidance_scale=2.5,
+                            clip_x0=clip, variance=variance, seed=3, offset=17)
+    # Ho et al. eq. 7 with x0 predicted from eps; sigma from the chosen variance; no noise at t = 0.
+    t = STEPS
+    a_t = per_sample(abar.cpu()[t])
+    a_prev = per_sample(torch.where(t > 0, abar.cpu()[(t - 1).clamp(min=0)], torch.ones(3, dtype=torch.float64)))
+    beta = per_sample(betas[t])
+    e = guided(eps, eps_cond, 2.5)
+    xd = x.double().cpu()
+    x0 = (xd - (1 - a_t).sqrt() * e) / a_t.sqrt()
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    mean = beta * a_prev.sqrt() / (1 - a_t) * x0 + (1 - a_prev) * (1 - beta).sqrt() / (1 - a_t) * xd
+    var = beta if variance == "beta" else beta * (1 - a_prev) / (1 - a_t)
+    sigma = var.sqrt() * (per_sample(t) > 0)
+    expected = mean + sigma * draws(SHAPE, 3, 17)
+    assert rel_err(out, expected) <= 1e-5
+    assert torch.equal(out[0].cpu(), out[0].cpu())  # finite: NaN != NaN
+    assert rel_err(out[0], mean[0]) <= 1e-5  # t = 0: the mean alone
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+@pytest.mark.parametrize("cfg", [False, True], ids=["plain", "cfg"])
+@pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
+def test_ddim_step_closed_form(device, poison, eta, cfg, clip):
+    x = make(SHAPE, True, device)
+    eps, eps_cond = make(SHAPE, True, device), make(SHAPE, False, device) if cfg else None
+    abar = abar_table(device)
+    t, t_prev = STEPS.clone(), torch.tensor([-1, 449, 979])  # t_prev = -1: the final step, abar = 1
+    t[0] = 20
+    out = kernels.ddim_step(x, eps, t.to(device), t_prev.to(device), abar, eps_cond=eps_cond,
+                            guidance_scale=4.0, eta=eta, clip_x0=clip, seed=8, offset=1)
+    a_t = per_sample(abar.cpu()[t])
+    a_p = per_sample(torch.where(t_prev >= 0, abar.cpu()[t_prev.clamp(min=0)], torch.ones(3, dtype=torch.float64)))
+    e = guided(eps, eps_cond, 4.0)
+    x0 = (x.double().cpu() - (1 - a_t).sqrt() * e) / a_t.sqrt()
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    c1 = eta * ((1 - a_t / a_p) * (1 - a_p) / (1 - a_t)).sqrt()
+    expected = a_p.sqrt() * x0 + (1 - a_p - c1**2).clamp(min=0).sqrt() * e + c1 * draws(SHAPE, 8, 1)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(out, expected) <= 1e-5
+    assert rel_err(out[0], x0[0]) <= 1e-5  # the final step returns x0_hat
+
+
+# ----------------------------------------------------------------------------- both backends, errors
+
+
+def test_eager_fallback_matches_the_kernels(device, monkeypatch):
+    x = make(SHAPE, False, device)
+    eps, eps_cond = make(SHAPE, False, device), make(SHAPE, False, device)
+    abar = abar_table(device)
+    t = STEPS.to(device)
+    calls = {
+        "q_sample": lambda: kernels.q_sample(x, t, abar, seed=1, offset=2),
+        "loss": lambda: kernels.eps_loss(x, 1, 2, kind="l1"),
+        "ddpm": lambda: kernels.ddpm_step(x, eps, t, abar, eps_cond=eps_cond, guidance_scale=3.0, seed=1, offset=2),
+        "ddim": lambda: kernels.ddim_step(x, eps, t, t - 100, abar, eta=1.0, seed=1, offset=2),
+    }
+    for name, call in calls.items():
+        monkeypatch.setenv("GENSCALE_KERNELS", "triton")
+        fast = call()
+        monkeypatch.setenv("GENSCALE_KERNELS", "eager")
+        assert rel_err(fast, call()) <= 1e-6, name
+
+
+def test_invalid_arguments():
+    x = torch.randn(2, 3, 4, 4)
+    abar = abar_table("cpu")
+    with pytest.raises(ValueError, match="seed"):
+        kernels.q_sample(x, 3, abar, seed=-1)
+    with pytest.raises(ValueError, match="shape"):
+        kernels.q_sample(x, 3, abar, torch.randn(2, 3, 4, 5))
+    with pytest.raises(ValueError, match=r"t must be"):
+        kernels.q_sample(x, torch.tensor([1, 2, 3]), abar)
+    with pytest.raises(ValueError, match="kind"):
+        kernels.eps_loss(x, 0, 0, kind="huber")
+    with pytest.raises(ValueError, match="variance"):
+        kernels.ddpm_step(x, x, 3, abar, variance="learned")
