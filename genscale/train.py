@@ -46,17 +46,27 @@ def batch_stream(cfg: TrainConfig, shards, info: DataInfo, rank: int, world: int
     return stream
 
 
+# Flags that shape the data stream or the random draws: changing them on resume is allowed
+# (e.g. to train longer) but the resumed run no longer equals an uninterrupted one.
+STREAM_FLAGS = ("data", "seed", "batch_size", "grad_accum", "num_workers", "batches_per_epoch", "image_size")
+
+
 def check_same_run(run: RunConfig) -> None:
-    """Refuse to resume a run folder that holds a different model."""
+    """Refuse to resume a run folder that holds a different model; warn when the stream changes."""
     path = Path(run.train.out) / "config.json"
     if not path.is_file():
         return
     try:
-        old = json.loads(path.read_text())["train"]["model"]
+        old = json.loads(path.read_text())["train"]
+        old_model = old["model"]
     except (json.JSONDecodeError, KeyError):
         raise UserError(f"{path} is damaged; remove it or choose another --out", exit_code=1) from None
-    if old != run.train.model:
-        raise UserError(f"{run.train.out} holds a {old} run; choose another --out for {run.train.model}")
+    if old_model != run.train.model:
+        raise UserError(f"{run.train.out} holds a {old_model} run; choose another --out for {run.train.model}")
+    changed = [k for k in STREAM_FLAGS if k in old and old[k] != getattr(run.train, k)]
+    if changed:
+        print(f"warning: resuming {run.train.out} with changed {', '.join(changed)}; the run continues but "
+              "will not match an uninterrupted one", file=sys.stderr)
 
 
 def grid_labels(info: DataInfo, per_class: int = 8) -> torch.Tensor | None:
