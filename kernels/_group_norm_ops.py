@@ -6,6 +6,7 @@ This module also plans each launch (which strategy, block shapes, how far to spl
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,6 +18,7 @@ from kernels._dispatch import env_int, sm_count
 FUSED_MAX_FWD = 16384
 FUSED_MAX_BWD = 8192
 SPLIT_TILE = 4096  # elements per tile in the split path's loop
+LOOP_TILE = 4096  # elements per tile in the looped fused path
 
 
 def _pow2(n: int) -> int:
@@ -50,6 +52,7 @@ def _viewable(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
 @dataclass(frozen=True)
 class Plan:
     fused: bool
+    single: bool = True  # fused: the groups stay in registers (one read); else two looped passes
     group_block: int = 1  # fused: groups per program
     block_cg: int = 1
     block_c: int = 1  # split: channels per program
@@ -60,26 +63,38 @@ class Plan:
 
 
 def make_plan(x: torch.Tensor, num_groups: int, x_strides: tuple[int, int, int], backward: bool) -> Plan:
+    """Fused (single pass or looped) when N x G / GB programs fill the GPU, else split.
+
+    Environment overrides, for tests and tuning: GENSCALE_GN_PATH=fused|looped|split, and
+    GENSCALE_GN_BLOCK_S / _BLOCK_C / _SPLIT / _FUSED_MAX_FWD / _FUSED_MAX_BWD.
+    """
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // max(1, n * c)
     cg = c // num_groups
     channel_fast = x_strides[1] == 1 and s > 1
     sms = sm_count(x.device)
-    forced = {"fused": True, "split": False}.get(_path_override())
-    # Fused: channels_last wants several groups per program so each row read is >= 32 bytes.
+    forced = _path_override()
+    # channels_last: several groups per program, so that each row a program reads is >= 32
+    # bytes, as long as that still leaves one program per multiprocessor.
     group_block = 1
     if channel_fast:
         while group_block < num_groups and group_block * cg * x.element_size() < 32:
             group_block *= 2
-    block_cg, block_s = _pow2(cg), _pow2(s)
-    elems = group_block * block_cg * block_s
-    fits = elems <= (FUSED_MAX_BWD if backward else FUSED_MAX_FWD)
+        while group_block > 1 and n * _cdiv(num_groups, group_block) < sms:
+            group_block //= 2
+    block_cg = _pow2(cg)
+    if backward:
+        limit = env_int("GENSCALE_GN_FUSED_MAX_BWD", FUSED_MAX_BWD)
+    else:
+        limit = env_int("GENSCALE_GN_FUSED_MAX_FWD", FUSED_MAX_FWD)
     enough = n * _cdiv(num_groups, group_block) >= sms
-    if forced is True or (forced is None and fits and enough):
-        if forced is True and not fits:
-            raise ValueError(f"fused GroupNorm path forced but a tile of {elems} elements does not fit")
+    if forced in ("fused", "looped") or (not forced and enough):
+        single = group_block * block_cg * _pow2(s) <= limit and forced != "looped"
+        block_s = _pow2(s) if single else max(1, min(_pow2(s), LOOP_TILE // (group_block * block_cg)))
+        block_s = block_s if single else env_int("GENSCALE_GN_BLOCK_S", block_s)
+        elems = group_block * block_cg * block_s
         warps = min(16, max(4, elems // 512))
-        return Plan(True, group_block=group_block, block_cg=block_cg, block_s=block_s, num_warps=warps)
+        return Plan(True, single, group_block=group_block, block_cg=block_cg, block_s=block_s, num_warps=warps)
     if channel_fast:
         block_c = min(_pow2(c), 256)
         block_s = max(1, min(_pow2(s), SPLIT_TILE // block_c))
@@ -99,9 +114,10 @@ def make_plan(x: torch.Tensor, num_groups: int, x_strides: tuple[int, int, int],
 
 
 def _path_override() -> str:
-    import os
-
-    return os.environ.get("GENSCALE_GN_PATH", "").strip().lower()
+    path = os.environ.get("GENSCALE_GN_PATH", "").strip().lower()
+    if path not in ("", "fused", "looped", "split"):
+        raise ValueError(f"GENSCALE_GN_PATH must be fused, looped or split; got {path!r}")
+    return path
 
 
 def _dummy(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -134,7 +150,8 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     if p.fused:
         grid = (n, _cdiv(num_groups, p.group_block))
         k.gn_fwd_fused[grid](x, y, w, b, mean, rstd, num_groups, cg, s, inv_cnt, eps, *xs, *ys, **flags,
-                             GB=p.group_block, BLOCK_CG=p.block_cg, BLOCK_S=p.block_s, num_warps=p.num_warps)
+                             GB=p.group_block, BLOCK_CG=p.block_cg, BLOCK_S=p.block_s, SINGLE=p.single,
+                             num_warps=p.num_warps)
         return y, mean, rstd
     grid = (n, _cdiv(c, p.block_c), p.split)
     plane = n * p.split * c
@@ -174,7 +191,8 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
         grid = (n, _cdiv(num_groups, p.group_block))
         k.gn_bwd_fused[grid](x, dy, dx, w, b, mean, rstd, part, c, num_groups, cg, s, inv_cnt, plane,
                              *xs, *ds, *os_, **flags,
-                             GB=p.group_block, BLOCK_CG=p.block_cg, BLOCK_S=p.block_s, num_warps=p.num_warps)
+                             GB=p.group_block, BLOCK_CG=p.block_cg, BLOCK_S=p.block_s, SINGLE=p.single,
+                             num_warps=p.num_warps)
     else:
         grid = (n, _cdiv(c, p.block_c), p.split)
         k.gn_bwd_partial[grid](x, dy, w, b, mean, rstd, part, c, num_groups, cg, s, p.chunk, p.split, plane,

@@ -3,10 +3,12 @@
 Every tensor is seen as [N, C, S] (S = the spatial dims collapsed) with its own strides, so NCHW,
 channels_last and channel slices run without a layout copy; the Triton compiler specialises
 strides equal to 1, which gives vectorised, coalesced access along whichever axis is contiguous.
+The channels per group (CG) are a compile-time constant: channel offsets g * CG are then known
+multiples of CG, which lets channels_last tiles load 16-byte vectors (and c // CG is a shift).
 
-* fused: one program owns GB whole groups of one sample, keeps them in registers, and reads x
-  (and dy) exactly once: the minimum-bytes kernel, used when a group fits and N x G programs
-  fill the GPU.
+* fused: one program owns GB whole groups of one sample. When they fit in registers it reads x
+  (and dy) exactly once: the minimum-bytes kernel; otherwise it loops over the groups twice, the
+  second read hitting L2. Used when N x G / GB programs fill the GPU.
 * split: a group's reduction is cut over many programs (per channel block x spatial chunk):
   partial statistics -> a tiny finalize kernel per group -> an apply pass. x is read twice
   (usually the second time from L2), but batch 1 and huge groups get enough parallelism.
@@ -69,71 +71,130 @@ def _weight(w_ptr, c, cmask, HAS_W: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- fused path
+# One program per (sample, block of GB groups). SINGLE: the groups fit in registers, x (and dy)
+# are read once. Otherwise the program loops over spatial tiles twice: statistics, then the
+# output; the second read of its own few tens of KB comes back from L2, not DRAM.
 
 
 @triton.jit
-def gn_fwd_fused(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
-                 G, CG, S, inv_cnt, eps,
-                 sxn, sxc, sxs, syn, syc, sys,
-                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-                 GB: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr):
+def _group_tile(G, CG: tl.constexpr, GB: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1) * GB + tl.arange(0, GB)
     g3 = g[:, None, None]
     cg3 = tl.arange(0, BLOCK_CG)[None, :, None]
     s3 = tl.arange(0, BLOCK_S)[None, None, :]
-    c3 = g3 * CG + cg3
-    cmask = (g3 < G) & (cg3 < CG)
-    mask = cmask & (s3 < S)
-    x = tl.load(x_ptr + n * sxn + c3 * sxc + s3 * sxs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.reduce(tl.reduce(x, 2, _sum), 1, _sum) * inv_cnt
-    xc = tl.where(mask, x - mean[:, None, None], 0.0)
-    var = tl.reduce(tl.reduce(xc * xc, 2, _sum), 1, _sum) * inv_cnt
-    rstd = 1.0 / tl.sqrt(var + eps)
-    z = _affine(xc * rstd[:, None, None], w_ptr, b_ptr, c3, cmask, HAS_W, HAS_B)
-    if ACT:
-        z = _silu(z)
-    tl.store(y_ptr + n * syn + c3 * syc + s3 * sys, z.to(y_ptr.dtype.element_ty), mask=mask)
+    return n, g, g3 * CG + cg3, (g3 < G) & (cg3 < CG), s3
+
+
+@triton.jit
+def gn_fwd_fused(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
+                 G, CG: tl.constexpr, S, inv_cnt, eps,
+                 sxn, sxc, sxs, syn, syc, sys,
+                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+                 GB: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr):
+    n, g, c3, cmask, s3 = _group_tile(G, CG, GB, BLOCK_CG, BLOCK_S)
+    xb = x_ptr + n * sxn + c3 * sxc
+    yb = y_ptr + n * syn + c3 * syc
+    if SINGLE:
+        mask = cmask & (s3 < S)
+        x = tl.load(xb + s3 * sxs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.reduce(tl.reduce(x, 2, _sum), 1, _sum) * inv_cnt
+        xc = tl.where(mask, x - mean[:, None, None], 0.0)
+        var = tl.reduce(tl.reduce(xc * xc, 2, _sum), 1, _sum) * inv_cnt
+        rstd = 1.0 / tl.sqrt(var + eps)
+        z = _affine(xc * rstd[:, None, None], w_ptr, b_ptr, c3, cmask, HAS_W, HAS_B)
+        if ACT:
+            z = _silu(z)
+        tl.store(yb + s3 * sys, z.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        mean = tl.zeros((GB,), tl.float32)
+        m2 = tl.zeros((GB,), tl.float32)
+        for s0 in range(0, S, BLOCK_S):  # tile statistics merged with Chan's formula
+            mask = cmask & (s0 + s3 < S)
+            x = tl.load(xb + (s0 + s3) * sxs, mask=mask, other=0.0).to(tl.float32)
+            nb = tl.minimum(S - s0, BLOCK_S) * CG * 1.0
+            seen = s0 * CG * 1.0
+            t_mean = tl.reduce(tl.reduce(x, 2, _sum), 1, _sum) / nb
+            d = tl.where(mask, x - t_mean[:, None, None], 0.0)
+            t_m2 = tl.reduce(tl.reduce(d * d, 2, _sum), 1, _sum)
+            delta = t_mean - mean
+            tot = seen + nb
+            mean = mean + delta * (nb / tot)
+            m2 = m2 + t_m2 + delta * delta * (seen * nb / tot)
+        rstd = 1.0 / tl.sqrt(m2 * inv_cnt + eps)
+        for s0 in range(0, S, BLOCK_S):
+            mask = cmask & (s0 + s3 < S)
+            x = tl.load(xb + (s0 + s3) * sxs, mask=mask, other=0.0).to(tl.float32)
+            xhat = (x - mean[:, None, None]) * rstd[:, None, None]
+            z = _affine(xhat, w_ptr, b_ptr, c3, cmask, HAS_W, HAS_B)
+            if ACT:
+                z = _silu(z)
+            tl.store(yb + (s0 + s3) * sys, z.to(y_ptr.dtype.element_ty), mask=mask)
     gmask = g < G
     tl.store(mean_ptr + n * G + g, mean, mask=gmask)
     tl.store(rstd_ptr + n * G + g, rstd, mask=gmask)
 
 
 @triton.jit
-def gn_bwd_fused(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr,
-                 C, G, CG, S, inv_cnt, plane,
-                 sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos,
-                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-                 GB: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1) * GB + tl.arange(0, GB)
-    gmask = g < G
-    g3 = g[:, None, None]
-    cg3 = tl.arange(0, BLOCK_CG)[None, :, None]
-    s3 = tl.arange(0, BLOCK_S)[None, None, :]
-    c3 = g3 * CG + cg3
-    cmask = (g3 < G) & (cg3 < CG)
-    mask = cmask & (s3 < S)
-    x = tl.load(x_ptr + n * sxn + c3 * sxc + s3 * sxs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + n * sdn + c3 * sdc + s3 * sds, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + n * G + g, mask=gmask, other=0.0)[:, None, None]
-    rstd = tl.load(rstd_ptr + n * G + g, mask=gmask, other=0.0)[:, None, None]
+def _bwd_tile(xb, db, sxs, sds, s, mask, mean, rstd, w_ptr, b_ptr, c3, cmask,
+              HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr):
+    """xhat and dz (zero outside the mask) for one tile."""
+    x = tl.load(xb + s * sxs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(db + s * sds, mask=mask, other=0.0).to(tl.float32)
     xhat = tl.where(mask, (x - mean) * rstd, 0.0)
     dz = tl.where(mask, _dz(dy, _affine(xhat, w_ptr, b_ptr, c3, cmask, HAS_W, HAS_B), ACT), 0.0)
+    return xhat, dz
+
+
+@triton.jit
+def gn_bwd_fused(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr,
+                 C, G, CG: tl.constexpr, S, inv_cnt, plane,
+                 sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos,
+                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+                 GB: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr):
+    n, g, c3, cmask, s3 = _group_tile(G, CG, GB, BLOCK_CG, BLOCK_S)
+    gmask = g < G
+    xb = x_ptr + n * sxn + c3 * sxc
+    db = dy_ptr + n * sdn + c3 * sdc
+    ob = dx_ptr + n * son + c3 * soc
+    mean = tl.load(mean_ptr + n * G + g, mask=gmask, other=0.0)[:, None, None]
+    rstd = tl.load(rstd_ptr + n * G + g, mask=gmask, other=0.0)[:, None, None]
+    if SINGLE:
+        mask = cmask & (s3 < S)
+        xhat, dz = _bwd_tile(xb, db, sxs, sds, s3, mask, mean, rstd, w_ptr, b_ptr, c3, cmask, HAS_W, HAS_B, ACT)
+        db_c = tl.reduce(dz, 2, _sum)
+        dw_c = tl.reduce(dz * xhat, 2, _sum)
+    else:
+        acc_db = tl.zeros((GB, BLOCK_CG, BLOCK_S), tl.float32)
+        acc_dw = tl.zeros((GB, BLOCK_CG, BLOCK_S), tl.float32)
+        for s0 in range(0, S, BLOCK_S):
+            mask = cmask & (s0 + s3 < S)
+            t_xhat, t_dz = _bwd_tile(xb, db, sxs, sds, s0 + s3, mask, mean, rstd, w_ptr, b_ptr, c3, cmask,
+                                     HAS_W, HAS_B, ACT)
+            acc_db += t_dz
+            acc_dw += t_dz * t_xhat
+        db_c = tl.reduce(acc_db, 2, _sum)
+        dw_c = tl.reduce(acc_dw, 2, _sum)
     # Per-channel sums over space: the dbias / dweight partials of this sample.
-    db_c = tl.reduce(dz, 2, _sum)
-    dw_c = tl.reduce(dz * xhat, 2, _sum)
-    c2 = (g[:, None] * CG + tl.arange(0, BLOCK_CG)[None, :])
+    c2 = g[:, None] * CG + tl.arange(0, BLOCK_CG)[None, :]
     cmask2 = (g[:, None] < G) & (tl.arange(0, BLOCK_CG)[None, :] < CG)
     tl.store(part_ptr + n * C + c2, db_c, mask=cmask2)
     tl.store(part_ptr + plane + n * C + c2, dw_c, mask=cmask2)
-    # Group means of dxhat = w dz and dxhat * xhat follow from the per-channel sums.
+    # Group means of dxhat = w dz and of dxhat * xhat follow from the per-channel sums.
     w2 = _weight(w_ptr, c2, cmask2, HAS_W)
-    m1 = tl.reduce(w2 * db_c, 1, _sum) * inv_cnt
-    m2 = tl.reduce(w2 * dw_c, 1, _sum) * inv_cnt
+    m1 = (tl.reduce(w2 * db_c, 1, _sum) * inv_cnt)[:, None, None]
+    m2 = (tl.reduce(w2 * dw_c, 1, _sum) * inv_cnt)[:, None, None]
     w3 = _weight(w_ptr, c3, cmask, HAS_W)
-    dx = rstd * (dz * w3 - m1[:, None, None] - xhat * m2[:, None, None])
-    tl.store(dx_ptr + n * son + c3 * soc + s3 * sos, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if SINGLE:
+        dx = rstd * (dz * w3 - m1 - xhat * m2)
+        tl.store(ob + s3 * sos, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        for s0 in range(0, S, BLOCK_S):
+            mask = cmask & (s0 + s3 < S)
+            t_xhat, t_dz = _bwd_tile(xb, db, sxs, sds, s0 + s3, mask, mean, rstd, w_ptr, b_ptr, c3, cmask,
+                                     HAS_W, HAS_B, ACT)
+            dx = rstd * (t_dz * w3 - m1 - t_xhat * m2)
+            tl.store(ob + (s0 + s3) * sos, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- split path
@@ -171,7 +232,7 @@ def gn_stats_partial(x_ptr, part_ptr, C, S, CHUNK, SPLIT, plane, sxn, sxc, sxs,
 
 
 @triton.jit
-def gn_stats_finalize(part_ptr, mean_ptr, rstd_ptr, C, G, CG, S, CHUNK, SPLIT, plane, inv_cnt, eps,
+def gn_stats_finalize(part_ptr, mean_ptr, rstd_ptr, C, G, CG: tl.constexpr, S, CHUNK, SPLIT, plane, inv_cnt, eps,
                       BLOCK_CG: tl.constexpr, BLOCK_K: tl.constexpr):
     """Merge a group's per-(channel, chunk) statistics: mean, then M2 about that mean."""
     pid = tl.program_id(0)
@@ -203,7 +264,7 @@ def gn_stats_finalize(part_ptr, mean_ptr, rstd_ptr, C, G, CG, S, CHUNK, SPLIT, p
 
 
 @triton.jit
-def gn_apply(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, G, CG, S, CHUNK,
+def gn_apply(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, G, CG: tl.constexpr, S, CHUNK,
              sxn, sxc, sxs, syn, syc, sys,
              HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
              BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -227,7 +288,7 @@ def gn_apply(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, G, CG, S, CHUNK,
 
 @triton.jit
 def gn_bwd_partial(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr,
-                   C, G, CG, S, CHUNK, SPLIT, plane, sxn, sxc, sxs, sdn, sdc, sds,
+                   C, G, CG: tl.constexpr, S, CHUNK, SPLIT, plane, sxn, sxc, sxs, sdn, sdc, sds,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """Per-channel sum(dz) and sum(dz * xhat) over one spatial chunk -> part[0|1, n*SPLIT+k, c]."""
@@ -257,7 +318,7 @@ def gn_bwd_partial(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr,
 
 
 @triton.jit
-def gn_bwd_finalize(part_ptr, w_ptr, coef_ptr, C, G, CG, SPLIT, plane, inv_cnt, NG,
+def gn_bwd_finalize(part_ptr, w_ptr, coef_ptr, C, G, CG: tl.constexpr, SPLIT, plane, inv_cnt, NG,
                     HAS_W: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_K: tl.constexpr):
     """Group means of w*dz and w*dz*xhat from the per-(channel, chunk) partials."""
     pid = tl.program_id(0)
@@ -282,7 +343,7 @@ def gn_bwd_finalize(part_ptr, w_ptr, coef_ptr, C, G, CG, SPLIT, plane, inv_cnt, 
 
 @triton.jit
 def gn_bwd_apply(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, coef_ptr,
-                 C, G, CG, S, CHUNK, NG,
+                 C, G, CG: tl.constexpr, S, CHUNK, NG,
                  sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos,
                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):

@@ -12,6 +12,9 @@ import torch
 from kernels._group_norm_ops import _cdiv, _pow2, _viewable, ncs_strides
 
 MASK32 = 0xFFFFFFFF
+# The loss kernels compute pred - eps right after drawing eps; an FMA there would use the unrounded
+# product inside eps and break "the regenerated eps is bit-identical", so they are built without
+# floating-point contraction (enable_fp_fusion=False).
 
 
 def _geometry(x: torch.Tensor) -> tuple[int, int, int, dict, tuple]:
@@ -70,7 +73,8 @@ def eps_loss(pred: torch.Tensor, seed: int, offset: int, l1: bool) -> torch.Tens
     n, c, s, meta, grid = _geometry(pred)
     part = torch.empty(grid[0] * grid[1] * grid[2], device=pred.device, dtype=torch.float32)
     if pred.numel():
-        k.eps_loss_fwd_kernel[grid](pred, part, c, s, _cdiv(s, 4), *_rng(seed, offset), *ps, L1=l1, **meta)
+        k.eps_loss_fwd_kernel[grid](pred, part, c, s, _cdiv(s, 4), *_rng(seed, offset), *ps, L1=l1,
+                                    enable_fp_fusion=False, **meta)
     # Partial sums added in a fixed order (fp64): deterministic and accurate.
     return (part.to(torch.float64).sum() / max(1, pred.numel())).to(torch.float32)
 
@@ -85,7 +89,7 @@ def eps_loss_backward(grad: torch.Tensor, pred: torch.Tensor, seed: int, offset:
     n, c, s, meta, grid = _geometry(pred)
     g = grad.to(device=pred.device, dtype=torch.float32).reshape(())
     k.eps_loss_bwd_kernel[grid](pred, g, out, 1.0 / pred.numel(), c, s, _cdiv(s, 4), *_rng(seed, offset),
-                                *ps, *ncs_strides(out), L1=l1, **meta)
+                                *ps, *ncs_strides(out), L1=l1, enable_fp_fusion=False, **meta)
     return out
 
 

@@ -60,12 +60,13 @@ def channel_fast(t: torch.Tensor) -> bool:
     return t.stride(1) == 1
 
 
-@pytest.fixture(params=["fused", "split"])
+@pytest.fixture(params=["fused", "looped", "split"])
 def path(request, monkeypatch) -> str:
+    """The three strategies, forced; tiny tiles so every loop runs several times."""
     monkeypatch.setenv("GENSCALE_GN_PATH", request.param)
-    if request.param == "split":  # tiny tiles and 3 chunks: multi-tile loops and chunk merges
+    if request.param != "fused":
         monkeypatch.setenv("GENSCALE_GN_BLOCK_S", "4")
-        monkeypatch.setenv("GENSCALE_GN_SPLIT", "3")
+        monkeypatch.setenv("GENSCALE_GN_SPLIT", "3")  # split: 3 spatial chunks merged per group
     return request.param
 
 

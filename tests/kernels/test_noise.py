@@ -78,7 +78,7 @@ def test_kernel_draws_equal_the_reference_in_any_layout(device, poison):
     ref = draws(SHAPE, 77, 3)
     nchw = kernels.philox_normal(make(SHAPE, False, device), 77, 3)
     cl = kernels.philox_normal(make(SHAPE, True, device), 77, 3)
-    assert rel_err(nchw, ref) <= 1e-6
+    assert rel_err(nchw, ref) <= 5e-6  # fp32 log/cos (approximate on GPUs) against float64
     assert cl.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(cl.contiguous(), nchw)  # the draw depends on the element, not the layout
     big = kernels.philox_normal(torch.empty(4, 4, 64, 64, device=device), 9, 2**40 + 1).flatten()

@@ -1,0 +1,128 @@
+"""Markdown summary of a benchmark results JSON: one table per suite, ratios, and the issue's targets.
+
+Usage: python benchmarks/summarize.py [--merge-json merged.json] results.json [more.json ...] > summary.md
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from typing import Any
+
+VARIANTS = ("eager", "fallback", "compile", "triton", "triton+compile")
+
+# The targets of the kernels issue (H100, bf16, large shapes): (suite, predicate on the case, rules).
+TARGETS = {
+    "group_norm": "Triton >= 75% of copy bandwidth; >= 4x eager (channels_last), >= 2x eager (NCHW); "
+                  ">= 1.2x torch.compile -- bf16, N=16",
+    "noise": "Triton >= 80% of copy bandwidth; >= 3x eager -- bf16, largest shape",
+    "unet": "fused kernels >= 1.25x eager and >= 1.0x torch.compile of the eager model",
+}
+
+
+def _fmt_time(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1e3:.3f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return b / a if a and b else None
+
+
+def _by_case(rows: list[dict[str, Any]], suite: str) -> dict[str, dict[str, dict[str, Any]]]:
+    cases: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for row in rows:
+        if row["suite"] == suite:
+            cases[row["case"]][row["variant"]] = row
+    return cases
+
+
+def _target_checks(suite: str, case: str, v: dict[str, dict[str, Any]]) -> list[str]:
+    tri = v.get("triton")
+    if tri is None:
+        return []
+    eager, comp = v.get("eager"), v.get("compile")
+    speed_e = _ratio(tri["time_s"], eager["time_s"]) if eager else None
+    speed_c = _ratio(tri["time_s"], comp["time_s"]) if comp else None
+    frac = tri.get("fraction_of_copy_bw")
+    out = []
+    if suite == "group_norm" and "bf16" in case and case.split()[1].startswith("16x"):
+        need_e = 4.0 if " cl" in case else 2.0
+        out += [_check(f"{frac:.0%} of copy bw" if frac else "bw -", bool(frac and frac >= 0.75)),
+                _check(f"{speed_e:.2f}x eager (>= {need_e:g})" if speed_e else "eager -", bool(speed_e and speed_e >= need_e)),
+                _check(f"{speed_c:.2f}x compile (>= 1.2)" if speed_c else "compile -", bool(speed_c and speed_c >= 1.2))]
+    elif suite == "noise" and "bf16" in case:
+        out += [_check(f"{frac:.0%} of copy bw" if frac else "bw -", bool(frac and frac >= 0.8)),
+                _check(f"{speed_e:.2f}x eager (>= 3)" if speed_e else "eager -", bool(speed_e and speed_e >= 3.0))]
+    elif suite == "unet":
+        out += [_check(f"{speed_e:.2f}x eager (>= 1.25)" if speed_e else "eager -", bool(speed_e and speed_e >= 1.25)),
+                _check(f"{speed_c:.2f}x compile (>= 1.0)" if speed_c else "compile -", bool(speed_c and speed_c >= 1.0))]
+    return out
+
+
+def _check(text: str, ok: bool) -> str:
+    return f"{'PASS' if ok else 'MISS'} {text}"
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    meta, rows = payload["meta"], payload["results"]
+    copy_bw = meta.get("copy_bandwidth_Bps") or 0.0
+    lines = [
+        f"Device: {meta.get('device')} | commit {meta.get('commit')} | {meta.get('date')} | torch {meta.get('torch')} "
+        f"| triton {meta.get('triton')}",
+        f"Measured copy bandwidth (read + write): {copy_bw / 1e9:.0f} GB/s"
+        + (f" | bf16 matmul: {meta['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s" if meta.get("matmul_bf16_flops") else ""),
+        "",
+    ]
+    for suite in ("group_norm", "noise", "unet"):
+        cases = _by_case(rows, suite)
+        if not cases:
+            continue
+        present = [v for v in VARIANTS if any(v in c for c in cases.values())]
+        unit = "images/s" if suite == "unet" else "GB/s (% copy)"
+        lines += [f"### {suite}", "", f"Target: {TARGETS[suite]}", ""]
+        header = ["case"] + present + ["triton vs eager", "triton vs compile", f"triton {unit}", "targets"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for case, v in cases.items():
+            tri = v.get("triton")
+            cells = [case] + [_fmt_time(v[p]["time_s"]) if p in v else "-" for p in present]
+            se = _ratio(tri["time_s"], v["eager"]["time_s"]) if tri and "eager" in v else None
+            sc = _ratio(tri["time_s"], v["compile"]["time_s"]) if tri and "compile" in v else None
+            cells += [f"{se:.2f}x" if se else "-", f"{sc:.2f}x" if sc else "-"]
+            if suite == "unet":
+                cells.append(f"{tri['extra'].get('images_per_s', 0):.0f} (MFU {tri['extra'].get('mfu', 0):.0%})"
+                             if tri else "-")
+            else:
+                cells.append(f"{tri['bandwidth_GBps']:.0f} ({tri['fraction_of_copy_bw']:.0%})"
+                             if tri and tri.get("fraction_of_copy_bw") is not None else "-")
+            cells.append("; ".join(_target_checks(suite, case, v)) or "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def merge(paths: list[str]) -> dict[str, Any]:
+    """One payload from several runs' JSON (the first file's meta; every file's results)."""
+    merged: dict[str, Any] = {"meta": {}, "results": []}
+    for path in paths:
+        with open(path) as fh:
+            payload = json.load(fh)
+        merged["meta"] = merged["meta"] or payload["meta"]
+        merged["results"] += payload["results"]
+    return merged
+
+
+def main(argv: list[str]) -> None:
+    out = None
+    if argv[:1] == ["--merge-json"]:
+        out, argv = argv[1], argv[2:]
+    merged = merge(argv)
+    if out:
+        with open(out, "w") as fh:
+            json.dump(merged, fh, indent=1)
+    print(markdown(merged))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
