@@ -17,7 +17,7 @@ Statistics are fp32 and stable: two-pass (mean, then centred squares) inside a t
 chunks merged with Chan's parallel formula. No atomics: the per-channel dweight/dbias partials
 go to a buffer that the host sums in a fixed order, so gradients are deterministic.
 
-Only triton builtins and local jit helpers are called (no tl.sum, tl.sigmoid, tl.cdiv, which are
+Only triton builtins and local jit helpers are called (no tl.sum, tl.zeros, tl.sigmoid, tl.cdiv, which are
 jit functions themselves), so the kernels keep working under TRITON_INTERPRET=1 even when
 something imported triton before the variable was set.
 """
@@ -107,8 +107,8 @@ def gn_fwd_fused(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
             z = _silu(z)
         tl.store(yb + s3 * sys, z.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        mean = tl.zeros((GB,), tl.float32)
-        m2 = tl.zeros((GB,), tl.float32)
+        mean = tl.full((GB,), 0.0, tl.float32)
+        m2 = tl.full((GB,), 0.0, tl.float32)
         for s0 in range(0, S, BLOCK_S):  # tile statistics merged with Chan's formula
             mask = cmask & (s0 + s3 < S)
             x = tl.load(xb + (s0 + s3) * sxs, mask=mask, other=0.0).to(tl.float32)
@@ -165,8 +165,8 @@ def gn_bwd_fused(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_p
         db_c = tl.reduce(dz, 2, _sum)
         dw_c = tl.reduce(dz * xhat, 2, _sum)
     else:
-        acc_db = tl.zeros((GB, BLOCK_CG, BLOCK_S), tl.float32)
-        acc_dw = tl.zeros((GB, BLOCK_CG, BLOCK_S), tl.float32)
+        acc_db = tl.full((GB, BLOCK_CG, BLOCK_S), 0.0, tl.float32)
+        acc_dw = tl.full((GB, BLOCK_CG, BLOCK_S), 0.0, tl.float32)
         for s0 in range(0, S, BLOCK_S):
             mask = cmask & (s0 + s3 < S)
             t_xhat, t_dz = _bwd_tile(xb, db, sxs, sds, s0 + s3, mask, mean, rstd, w_ptr, b_ptr, c3, cmask,
@@ -210,8 +210,8 @@ def gn_stats_partial(x_ptr, part_ptr, C, S, CHUNK, SPLIT, plane, sxn, sxc, sxs,
     cmask = c < C
     start = k * CHUNK
     end = tl.minimum(start + CHUNK, S)
-    run_mean = tl.zeros((BLOCK_C,), tl.float32)
-    run_m2 = tl.zeros((BLOCK_C,), tl.float32)
+    run_mean = tl.full((BLOCK_C,), 0.0, tl.float32)
+    run_m2 = tl.full((BLOCK_C,), 0.0, tl.float32)
     for s0 in range(start, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         m = cmask[:, None] & (s < end)[None, :]
@@ -240,7 +240,7 @@ def gn_stats_finalize(part_ptr, mean_ptr, rstd_ptr, C, G, CG: tl.constexpr, S, C
     g = pid % G
     cg = tl.arange(0, BLOCK_CG)[:, None]
     kk = tl.arange(0, BLOCK_K)[None, :]
-    acc = tl.zeros((BLOCK_CG, BLOCK_K), tl.float32)
+    acc = tl.full((BLOCK_CG, BLOCK_K), 0.0, tl.float32)
     for k0 in range(0, SPLIT, BLOCK_K):
         k = k0 + kk
         cnt = tl.minimum(tl.maximum(S - k * CHUNK, 0), CHUNK).to(tl.float32)
@@ -249,7 +249,7 @@ def gn_stats_finalize(part_ptr, mean_ptr, rstd_ptr, C, G, CG: tl.constexpr, S, C
             off = (n * SPLIT + k) * C + g * CG + c0 + cg
             acc += tl.where(m, cnt * tl.load(part_ptr + off, mask=m, other=0.0), 0.0)
     mean = tl.reduce(tl.reduce(acc, 1, _sum), 0, _sum) * inv_cnt
-    acc = tl.zeros((BLOCK_CG, BLOCK_K), tl.float32)
+    acc = tl.full((BLOCK_CG, BLOCK_K), 0.0, tl.float32)
     for k0 in range(0, SPLIT, BLOCK_K):
         k = k0 + kk
         cnt = tl.minimum(tl.maximum(S - k * CHUNK, 0), CHUNK).to(tl.float32)
@@ -300,8 +300,8 @@ def gn_bwd_partial(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr,
     rstd = tl.load(rstd_ptr + n * G + c // CG, mask=cmask, other=0.0)[:, None]
     start = k * CHUNK
     end = tl.minimum(start + CHUNK, S)
-    acc_db = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
-    acc_dw = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
+    acc_db = tl.full((BLOCK_C, BLOCK_S), 0.0, tl.float32)
+    acc_dw = tl.full((BLOCK_C, BLOCK_S), 0.0, tl.float32)
     for s0 in range(start, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         m = cmask[:, None] & (s < end)[None, :]
@@ -326,8 +326,8 @@ def gn_bwd_finalize(part_ptr, w_ptr, coef_ptr, C, G, CG: tl.constexpr, SPLIT, pl
     g = pid % G
     cg = tl.arange(0, BLOCK_CG)[:, None]
     kk = tl.arange(0, BLOCK_K)[None, :]
-    acc1 = tl.zeros((BLOCK_CG, BLOCK_K), tl.float32)
-    acc2 = tl.zeros((BLOCK_CG, BLOCK_K), tl.float32)
+    acc1 = tl.full((BLOCK_CG, BLOCK_K), 0.0, tl.float32)
+    acc2 = tl.full((BLOCK_CG, BLOCK_K), 0.0, tl.float32)
     for k0 in range(0, SPLIT, BLOCK_K):
         k = k0 + kk
         for c0 in range(0, CG, BLOCK_CG):

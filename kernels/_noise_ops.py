@@ -13,8 +13,9 @@ from kernels._group_norm_ops import _cdiv, _pow2, _viewable, ncs_strides
 
 MASK32 = 0xFFFFFFFF
 # The loss kernels compute pred - eps right after drawing eps; an FMA there would use the unrounded
-# product inside eps and break "the regenerated eps is bit-identical", so they are built without
-# floating-point contraction (enable_fp_fusion=False).
+# product inside eps and break "the regenerated eps is bit-identical", so they (and q_sample, whose
+# drawn and explicit-eps variants must round alike) are built without floating-point contraction
+# (enable_fp_fusion=False): one extra instruction per element in memory-bound kernels.
 
 
 def _geometry(x: torch.Tensor) -> tuple[int, int, int, dict, tuple]:
@@ -62,7 +63,8 @@ def q_sample(x0: torch.Tensor, noise: Optional[torch.Tensor], t: torch.Tensor, a
     e, es = _strides(noise) if noise is not None else (x0, xs)
     n, c, s, meta, grid = _geometry(x0)
     k.q_sample_kernel[grid](x0, e, out, t, abar, c, s, _cdiv(s, 4), *_rng(seed, offset),
-                            *xs, *es, *ncs_strides(out), HAS_EPS=noise is not None, **meta)
+                            *xs, *es, *ncs_strides(out), HAS_EPS=noise is not None, enable_fp_fusion=False,
+                            **meta)
     return out
 
 
