@@ -38,13 +38,18 @@ _sum = getattr(getattr(tl, "standard", None), "_sum_combine", None) or _add
 
 
 @triton.jit
-def _affine(xhat, w_ptr, b_ptr, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    z = xhat
+def _params(w_ptr, b_ptr, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """fp32 weight and bias at channel indices c (1 and 0 when absent). Loaded once per program,
+    at channel granularity, then broadcast over space: not once per element."""
     if HAS_W:
-        z = z * tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(cmask, 1.0, 0.0)
     if HAS_B:
-        z = z + tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    return z
+        b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        b = tl.where(cmask, 0.0, 0.0)
+    return w, b
 
 
 @triton.jit
@@ -80,10 +85,11 @@ def _weight(w_ptr, c, cmask, HAS_W: tl.constexpr):
 def _group_tile(G, CG: tl.constexpr, GB: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1) * GB + tl.arange(0, GB)
-    g3 = g[:, None, None]
-    cg3 = tl.arange(0, BLOCK_CG)[None, :, None]
+    cg = tl.arange(0, BLOCK_CG)
+    c2 = g[:, None] * CG + cg[None, :]
+    cmask2 = (g[:, None] < G) & (cg[None, :] < CG)
     s3 = tl.arange(0, BLOCK_S)[None, None, :]
-    return n, g, g3 * CG + cg3, (g3 < G) & (cg3 < CG), s3
+    return n, g, c2, cmask2, c2[:, :, None], cmask2[:, :, None], s3
 
 
 @triton.jit
@@ -92,7 +98,10 @@ def gn_fwd_fused(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
                  sxn, sxc, sxs, syn, syc, sys,
                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
                  GB: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr):
-    n, g, c3, cmask, s3 = _group_tile(G, CG, GB, BLOCK_CG, BLOCK_S)
+    n, g, c2, cmask2, c3, cmask, s3 = _group_tile(G, CG, GB, BLOCK_CG, BLOCK_S)
+    w2, b2 = _params(w_ptr, b_ptr, c2, cmask2, HAS_W, HAS_B)
+    w3 = w2[:, :, None]
+    b3 = b2[:, :, None]
     xb = x_ptr + n * sxn + c3 * sxc
     yb = y_ptr + n * syn + c3 * syc
     if SINGLE:
@@ -102,7 +111,7 @@ def gn_fwd_fused(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
         xc = tl.where(mask, x - mean[:, None, None], 0.0)
         var = tl.reduce(tl.reduce(xc * xc, 2, _sum), 1, _sum) * inv_cnt
         rstd = 1.0 / tl.sqrt(var + eps)
-        z = _affine(xc * rstd[:, None, None], w_ptr, b_ptr, c3, cmask, HAS_W, HAS_B)
+        z = xc * rstd[:, None, None] * w3 + b3
         if ACT:
             z = _silu(z)
         tl.store(yb + s3 * sys, z.to(y_ptr.dtype.element_ty), mask=mask)
@@ -125,8 +134,7 @@ def gn_fwd_fused(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
         for s0 in range(0, S, BLOCK_S):
             mask = cmask & (s0 + s3 < S)
             x = tl.load(xb + (s0 + s3) * sxs, mask=mask, other=0.0).to(tl.float32)
-            xhat = (x - mean[:, None, None]) * rstd[:, None, None]
-            z = _affine(xhat, w_ptr, b_ptr, c3, cmask, HAS_W, HAS_B)
+            z = (x - mean[:, None, None]) * rstd[:, None, None] * w3 + b3
             if ACT:
                 z = _silu(z)
             tl.store(yb + (s0 + s3) * sys, z.to(y_ptr.dtype.element_ty), mask=mask)
@@ -136,13 +144,12 @@ def gn_fwd_fused(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
 
 
 @triton.jit
-def _bwd_tile(xb, db, sxs, sds, s, mask, mean, rstd, w_ptr, b_ptr, c3, cmask,
-              HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr):
+def _bwd_tile(xb, db, sxs, sds, s, mask, mean, rstd, w, b, ACT: tl.constexpr):
     """xhat and dz (zero outside the mask) for one tile."""
     x = tl.load(xb + s * sxs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(db + s * sds, mask=mask, other=0.0).to(tl.float32)
     xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-    dz = tl.where(mask, _dz(dy, _affine(xhat, w_ptr, b_ptr, c3, cmask, HAS_W, HAS_B), ACT), 0.0)
+    dz = tl.where(mask, _dz(dy, xhat * w + b, ACT), 0.0)
     return xhat, dz
 
 
@@ -152,8 +159,11 @@ def gn_bwd_fused(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_p
                  sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos,
                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
                  GB: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr):
-    n, g, c3, cmask, s3 = _group_tile(G, CG, GB, BLOCK_CG, BLOCK_S)
+    n, g, c2, cmask2, c3, cmask, s3 = _group_tile(G, CG, GB, BLOCK_CG, BLOCK_S)
     gmask = g < G
+    w2, b2 = _params(w_ptr, b_ptr, c2, cmask2, HAS_W, HAS_B)
+    w3 = w2[:, :, None]
+    b3 = b2[:, :, None]
     xb = x_ptr + n * sxn + c3 * sxc
     db = dy_ptr + n * sdn + c3 * sdc
     ob = dx_ptr + n * son + c3 * soc
@@ -161,7 +171,7 @@ def gn_bwd_fused(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_p
     rstd = tl.load(rstd_ptr + n * G + g, mask=gmask, other=0.0)[:, None, None]
     if SINGLE:
         mask = cmask & (s3 < S)
-        xhat, dz = _bwd_tile(xb, db, sxs, sds, s3, mask, mean, rstd, w_ptr, b_ptr, c3, cmask, HAS_W, HAS_B, ACT)
+        xhat, dz = _bwd_tile(xb, db, sxs, sds, s3, mask, mean, rstd, w3, b3, ACT)
         db_c = tl.reduce(dz, 2, _sum)
         dw_c = tl.reduce(dz * xhat, 2, _sum)
     else:
@@ -169,30 +179,24 @@ def gn_bwd_fused(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_p
         acc_dw = tl.full((GB, BLOCK_CG, BLOCK_S), 0.0, tl.float32)
         for s0 in range(0, S, BLOCK_S):
             mask = cmask & (s0 + s3 < S)
-            t_xhat, t_dz = _bwd_tile(xb, db, sxs, sds, s0 + s3, mask, mean, rstd, w_ptr, b_ptr, c3, cmask,
-                                     HAS_W, HAS_B, ACT)
+            t_xhat, t_dz = _bwd_tile(xb, db, sxs, sds, s0 + s3, mask, mean, rstd, w3, b3, ACT)
             acc_db += t_dz
             acc_dw += t_dz * t_xhat
         db_c = tl.reduce(acc_db, 2, _sum)
         dw_c = tl.reduce(acc_dw, 2, _sum)
     # Per-channel sums over space: the dbias / dweight partials of this sample.
-    c2 = g[:, None] * CG + tl.arange(0, BLOCK_CG)[None, :]
-    cmask2 = (g[:, None] < G) & (tl.arange(0, BLOCK_CG)[None, :] < CG)
     tl.store(part_ptr + n * C + c2, db_c, mask=cmask2)
     tl.store(part_ptr + plane + n * C + c2, dw_c, mask=cmask2)
     # Group means of dxhat = w dz and of dxhat * xhat follow from the per-channel sums.
-    w2 = _weight(w_ptr, c2, cmask2, HAS_W)
     m1 = (tl.reduce(w2 * db_c, 1, _sum) * inv_cnt)[:, None, None]
     m2 = (tl.reduce(w2 * dw_c, 1, _sum) * inv_cnt)[:, None, None]
-    w3 = _weight(w_ptr, c3, cmask, HAS_W)
     if SINGLE:
         dx = rstd * (dz * w3 - m1 - xhat * m2)
         tl.store(ob + s3 * sos, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
         for s0 in range(0, S, BLOCK_S):
             mask = cmask & (s0 + s3 < S)
-            t_xhat, t_dz = _bwd_tile(xb, db, sxs, sds, s0 + s3, mask, mean, rstd, w_ptr, b_ptr, c3, cmask,
-                                     HAS_W, HAS_B, ACT)
+            t_xhat, t_dz = _bwd_tile(xb, db, sxs, sds, s0 + s3, mask, mean, rstd, w3, b3, ACT)
             dx = rstd * (t_dz * w3 - m1 - t_xhat * m2)
             tl.store(ob + (s0 + s3) * sos, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -274,13 +278,16 @@ def gn_apply(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, G, CG: tl.conste
     cmask = c < C
     mean = tl.load(mean_ptr + n * G + c // CG, mask=cmask, other=0.0)[:, None]
     rstd = tl.load(rstd_ptr + n * G + c // CG, mask=cmask, other=0.0)[:, None]
+    w, b = _params(w_ptr, b_ptr, c, cmask, HAS_W, HAS_B)
+    scale = rstd * w[:, None]
+    b = b[:, None]
     start = k * CHUNK
     end = tl.minimum(start + CHUNK, S)
     for s0 in range(start, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         m = cmask[:, None] & (s < end)[None, :]
         x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=m, other=0.0)
-        z = _affine((x.to(tl.float32) - mean) * rstd, w_ptr, b_ptr, c[:, None], cmask[:, None], HAS_W, HAS_B)
+        z = (x.to(tl.float32) - mean) * scale + b
         if ACT:
             z = _silu(z)
         tl.store(y_ptr + n * syn + c[:, None] * syc + s[None, :] * sys, z.to(y_ptr.dtype.element_ty), mask=m)
@@ -298,6 +305,9 @@ def gn_bwd_partial(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr,
     cmask = c < C
     mean = tl.load(mean_ptr + n * G + c // CG, mask=cmask, other=0.0)[:, None]
     rstd = tl.load(rstd_ptr + n * G + c // CG, mask=cmask, other=0.0)[:, None]
+    w, b = _params(w_ptr, b_ptr, c, cmask, HAS_W, HAS_B)
+    w = w[:, None]
+    b = b[:, None]
     start = k * CHUNK
     end = tl.minimum(start + CHUNK, S)
     acc_db = tl.full((BLOCK_C, BLOCK_S), 0.0, tl.float32)
@@ -308,8 +318,7 @@ def gn_bwd_partial(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr,
         x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=m, other=0.0)
         dy = tl.load(dy_ptr + n * sdn + c[:, None] * sdc + s[None, :] * sds, mask=m, other=0.0)
         xhat = tl.where(m, (x.to(tl.float32) - mean) * rstd, 0.0)
-        z = _affine(xhat, w_ptr, b_ptr, c[:, None], cmask[:, None], HAS_W, HAS_B)
-        dz = tl.where(m, _dz(dy.to(tl.float32), z, ACT), 0.0)
+        dz = tl.where(m, _dz(dy.to(tl.float32), xhat * w + b, ACT), 0.0)
         acc_db += dz
         acc_dw += dz * xhat
     row = n * SPLIT + k
@@ -356,7 +365,9 @@ def gn_bwd_apply(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, coef_p
     rstd = tl.load(rstd_ptr + gi, mask=cmask, other=0.0)[:, None]
     m1 = tl.load(coef_ptr + gi, mask=cmask, other=0.0)[:, None]
     m2 = tl.load(coef_ptr + NG + gi, mask=cmask, other=0.0)[:, None]
-    w = _weight(w_ptr, c, cmask, HAS_W)[:, None]
+    w, b = _params(w_ptr, b_ptr, c, cmask, HAS_W, HAS_B)
+    w = w[:, None]
+    b = b[:, None]
     start = k * CHUNK
     end = tl.minimum(start + CHUNK, S)
     for s0 in range(start, end, BLOCK_S):
@@ -365,7 +376,6 @@ def gn_bwd_apply(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, coef_p
         x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=m, other=0.0)
         dy = tl.load(dy_ptr + n * sdn + c[:, None] * sdc + s[None, :] * sds, mask=m, other=0.0)
         xhat = (x.to(tl.float32) - mean) * rstd
-        z = _affine(xhat, w_ptr, b_ptr, c[:, None], cmask[:, None], HAS_W, HAS_B)
-        dz = _dz(dy.to(tl.float32), z, ACT)
+        dz = _dz(dy.to(tl.float32), xhat * w + b, ACT)
         dx = rstd * (dz * w - m1 - xhat * m2)
         tl.store(dx_ptr + n * son + c[:, None] * soc + s[None, :] * sos, dx.to(dx_ptr.dtype.element_ty), mask=m)
