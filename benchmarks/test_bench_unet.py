@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import kernels
 from _harness import Record, measure
 
+pytest.importorskip("genscale.models.unet", reason="genscale's U-Net is not importable")
 ON_GPU = torch.cuda.is_available()
 T = 1000
 if ON_GPU:  # Ho et al.'s CIFAR-10 model: width 128, mults 1,2,2,2, 2 res blocks, attention at 16x16
@@ -95,7 +96,6 @@ def flops_per_step(device) -> float:
 
 @pytest.mark.parametrize("variant", ["eager", "fallback", "compile", "triton", "triton+compile"])
 def test_unet_training_step(benchmark, device, facts, record, monkeypatch, flops_per_step, variant):
-    pytest.importorskip("genscale.models.unet", reason="genscale's U-Net is not importable")
     if variant == "fallback" and device.type == "cuda":
         pytest.skip("the eager fallback serves non-CUDA tensors; on CUDA the baseline is 'eager'")
     if variant.startswith("triton") and device.type != "cuda":
