@@ -1,0 +1,115 @@
+# shellcheck shell=bash
+# Sourced by train.sbatch, sweep.sbatch and eval.sbatch (after they have found the repository and
+# set GENSCALE_ROOT): one `srun` step that runs slurm/launch_node.sh once per node, and the
+# preemption protocol around it.
+#
+# The warning: `#SBATCH --signal=B:USR1@120` sends USR1 to this batch shell shortly before the
+# time limit. The shell passes USR1 on to every process of the step on every node (`scancel
+# --signal=USR1`, job steps only), waits until every rank has saved a checkpoint and exited, and
+# requeues the job (`scontrol requeue`); the requeued job runs the same command and resumes from
+# that checkpoint.
+#   Why USR1 and not TERM: SLURM signals every process of the step, and torch's DataLoader
+# workers die of a SIGTERM that does not come from their parent, which crashes the trainer before
+# it can save. launch_node.sh makes the launcher (torchrun) ignore USR1, which would kill it; the
+# trainers catch it. Signalling `srun` itself is no option either: it turns TERM into SIGKILL.
+#
+# SIGTERM from SLURM reaches the step directly and this shell only waits for it to end. At the
+# time limit (Reason=TimeLimit) the shell requeues the job as after a warning; after scancel,
+# a preemption or an outside `scontrol requeue`, SLURM decides whether the job runs again.
+
+_genscale_log() { echo "genscale $(date +%H:%M:%S): $*"; }
+
+genscale_main_address() {
+    # The first node's address. NodeAddr, not the node name: the name can be a label only
+    # (emulated nodes, some clouds).
+    local head addr
+    head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    addr=$(scontrol show node -o "$head" 2>/dev/null | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p')
+    echo "${addr:-$head}"
+}
+
+_genscale_job_field() {
+    scontrol show job -o "$GENSCALE_JOB" 2>/dev/null | sed -n "s/.* $1=\\([^ ]*\\).*/\\1/p" | head -n 1
+}
+
+_genscale_on_usr1() {
+    _genscale_stopping=1
+    _genscale_requeue=1
+    _genscale_log "warning signal (USR1) before the time limit: asking every rank to save and stop"
+    _genscale_forward
+}
+
+_genscale_on_term() {
+    _genscale_stopping=1
+    local reason
+    reason=$(_genscale_job_field Reason)
+    if [[ $reason == TimeLimit ]]; then
+        _genscale_requeue=1
+        _genscale_log "SIGTERM at the time limit: the step got it too; the job requeues once it has ended"
+    else
+        _genscale_requeue=0   # a cancel wins over an earlier warning
+        _genscale_log "SIGTERM from SLURM (reason: ${reason:-unknown}): the step got it too; SLURM decides what follows"
+    fi
+}
+
+_genscale_forward() {
+    # Job steps only (no --batch/--full): this shell and its srun client are not signalled.
+    _genscale_last_forward=$SECONDS
+    scancel --signal=USR1 "$GENSCALE_JOB" || _genscale_log "scancel --signal=USR1 failed"
+}
+
+# genscale_run SCRIPT [ARGS...]: run SCRIPT under `accelerate launch` on every node of the job;
+# exits with the step's status, or requeues the job when the warning (or the time limit) stopped it.
+genscale_run() {
+    # This job for scancel/scontrol: in an array, SLURM_JOB_ID of one task can equal the array's
+    # id, which names every task; ARRAYID_TASKID names this one only.
+    GENSCALE_JOB=$SLURM_JOB_ID
+    if [[ -n ${SLURM_ARRAY_JOB_ID:-} ]]; then GENSCALE_JOB=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}; fi
+    export GENSCALE_MAIN_ADDR=${GENSCALE_MAIN_ADDR:-$(genscale_main_address)}
+    # Ports 20000-29999, a pure function of the job id: every node derives the same one, a requeued
+    # job gets its old one back, and it stays clear of the kernel's ephemeral range (32768+).
+    export GENSCALE_MAIN_PORT=${GENSCALE_MAIN_PORT:-$(( 20000 + SLURM_JOB_ID % 10000 ))}
+    # Recent torch reads this: how long torchrun, once sent SIGTERM, lets its workers finish
+    # before SIGKILL (default 30 s); SLURM's KillWait bounds it anyway.
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
+    # The requeue count, for the trainer (it may record it) and for this log.
+    export SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}
+    _genscale_log "job ${GENSCALE_JOB} SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT}" \
+        "nodes ${SLURM_JOB_NODELIST} (${SLURM_NNODES:-1}), main process ${GENSCALE_MAIN_ADDR}:${GENSCALE_MAIN_PORT}"
+    _genscale_log "$*"
+
+    _genscale_stopping=0
+    _genscale_requeue=0
+    _genscale_last_forward=0
+    trap _genscale_on_usr1 USR1
+    trap _genscale_on_term TERM
+    local cpus=()
+    # srun does not inherit --cpus-per-task from sbatch (SLURM >= 22.05): pass it on, or the
+    # step would be confined to one CPU per node where tasks are bound.
+    if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then cpus=(--cpus-per-task "$SLURM_CPUS_PER_TASK"); fi
+    srun --nodes "${SLURM_NNODES:-1}" --ntasks-per-node 1 "${cpus[@]}" --kill-on-bad-exit=1 \
+        bash "$GENSCALE_ROOT/slurm/launch_node.sh" "$@" &
+    local step=$! rc=0
+    while kill -0 "$step" 2>/dev/null; do
+        if (( _genscale_stopping )); then
+            # A warning that reached a trainer before it installed its handler is lost: repeat it.
+            if (( _genscale_requeue && SECONDS - _genscale_last_forward >= 15 )); then _genscale_forward; fi
+            sleep 1 &
+            wait $! 2>/dev/null
+        else
+            wait "$step"   # returns early when a trap runs
+            rc=$?
+        fi
+    done
+    wait "$step" 2>/dev/null
+    local last=$?
+    (( last != 127 )) && rc=$last
+    if (( _genscale_requeue )); then
+        _genscale_log "the step stopped (exit $rc); requeueing job ${GENSCALE_JOB} to resume from its checkpoint"
+        trap '' TERM   # the requeue terminates this shell; nothing is left to do
+        scontrol requeue "$GENSCALE_JOB"
+        exit 0
+    fi
+    _genscale_log "the step ended with exit code $rc"
+    exit "$rc"
+}
