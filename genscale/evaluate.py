@@ -1,12 +1,17 @@
-"""Measure samples, read from an .npz or freshly drawn from a run: judge accuracy, later FID/KID/PSNR.
+"""Evaluate a run or a set of samples: FID/KID (clean-fid), judge accuracy, inpainting PSNR.
 
-    python genscale/evaluate.py --metric accuracy --samples samples.npz
-    python genscale/evaluate.py --metric accuracy --run runs/ddpm --num 200 --json out.json
+    python genscale/evaluate.py --run runs/ddpm --metric fid --num 1000
+    accelerate launch genscale/evaluate.py --run runs/ddpm --metric kid --features inception
+    python genscale/evaluate.py --samples samples.npz --metric accuracy
+    python genscale/evaluate.py --samples FOLDER --reference FOLDER --metric fid
 
-Samples follow the ADM convention: ``arr_0`` uint8 N x H x W x C, ``arr_1`` int labels.
-``accuracy`` is GAN-test accuracy: the share of class-conditional samples that a judge
-classifier, trained on the real training split, labels as their intended class. Metrics are
-entries of ``METRICS``; each takes the samples and returns a JSON-able dict.
+Under ``accelerate launch`` sample generation and feature extraction are split across the
+processes and gathered; the result equals the one-process result for the same seed (samples
+are a function of (seed, sample index), see genscale.metrics.sharded). The reference is a
+split of a data set (default: the run's own data, test split) or a folder of images. Every
+score is printed with its number of samples and its floor: real images of the other split
+against the reference, with the same features and number of images. ``--samples`` takes an
+ADM-style .npz (``arr_0`` uint8 N x H x W x C, optional ``arr_1`` int labels) or a folder.
 """
 from __future__ import annotations
 
@@ -23,11 +28,15 @@ if not __package__:
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-from typing import Callable, NamedTuple  # noqa: E402
+import os  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from genscale.errors import UserError  # noqa: E402
+from genscale.metrics.evaluation import DEFAULT_CHUNK, METRICS  # noqa: E402
+from genscale.metrics.features import FEATURES  # noqa: E402
+
+DEFAULT_NUM = 1000
 
 
 def check_samples(images: np.ndarray, labels: np.ndarray | None, source: str) -> None:
@@ -70,75 +79,175 @@ def load_samples(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     return images, labels
 
 
-def generate_samples(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None]:
-    """Draw ``args.num`` samples from the run in ``args.run`` through genscale.sample."""
-    if not Path(args.run).is_dir():
-        raise UserError(f"The run folder {args.run} does not exist.")
-    from genscale.sample import generate  # lazy: sampling pulls in the whole model stack
+def make_accelerator():
+    """One process group for the launch: on a machine without CUDA, N gloo processes."""
+    import torch
+    from accelerate import Accelerator
 
-    images, labels = generate(
-        args.run,
-        args.num,
-        labels=args.labels,
-        seed=args.seed,
-        cfg_scale=args.cfg_scale,
-        sampler=args.sampler,
-        sampling_steps=args.sampling_steps,
-    )
-    images, labels = np.asarray(images), None if labels is None else np.asarray(labels)
-    check_samples(images, labels, f"the samples from {args.run}")
-    return images, labels
+    cpu = not torch.cuda.is_available()
+    acc = Accelerator(cpu=cpu)
+    if cpu and "LOCAL_WORLD_SIZE" in os.environ:
+        # accelerate launch pins OMP_NUM_THREADS=1; share the cores between local processes instead.
+        local = int(os.environ["LOCAL_WORLD_SIZE"])
+        torch.set_num_threads(int(os.environ.get("GENSCALE_THREADS", "0")) or max(1, (os.cpu_count() or 1) // local))
+    return acc
 
 
-def accuracy_metric(images: np.ndarray, labels: np.ndarray | None, args: argparse.Namespace) -> dict:
-    """Judge accuracy of class-conditional samples, with the judge's own test accuracy."""
-    if labels is None or (labels < 0).any():
-        raise UserError("The accuracy metric needs the intended class of every sample (arr_1).")
-    from genscale.metrics.judge import judge_accuracy, load_or_train_judge
+def _folder_shape(folder: str) -> tuple[int, int, int]:
+    """(H, W, C) of the first image of a folder, C as the data pipeline would read it."""
+    from PIL import Image
 
-    judge = load_or_train_judge(args.dataset)
-    result = judge_accuracy(judge, images, labels)
-    return {"judge_dataset": args.dataset, "judge_test_accuracy": judge.test_accuracy, **result}
+    from genscale.metrics.features import list_image_files
+
+    with Image.open(list_image_files(folder)[0]) as img:
+        return img.height, img.width, 1 if img.mode in ("L", "LA", "I", "I;16", "F", "1") else 3
 
 
-def describe_accuracy(result: dict) -> list[str]:
-    hist = " ".join(f"{c}:{n}" for c, n in enumerate(result["histogram"]))
-    per_class = " ".join(f"{c}:{a:.2f}" for c, a in result["per_class"].items())
+def _run_record(run: str) -> dict:
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run} is not a genscale run (no config.json).")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is damaged and cannot be read.") from None
+
+
+def evaluate(args: argparse.Namespace, acc) -> dict:
+    """Compute ``args.metric``; every rank returns the same dict."""
+    from genscale.metrics.evaluation import (EvalSetup, Evaluator, array_images, family_images,
+                                             intended_labels)
+
+    family = labels = images = None
+    record = {}
+    if args.run:
+        if not Path(args.run).is_dir():
+            raise UserError(f"The run folder {args.run} does not exist.")
+        from genscale.sample import load_family, parse_labels
+
+        record = _run_record(args.run)
+        family, info, step = load_family(args.run, acc.device)
+        shape = (info.image_size, info.image_size, info.channels)
+        labels = parse_labels(args.labels, args.num, info.num_classes)
+        num = args.num
+    elif Path(args.samples).is_dir():
+        shape, num = _folder_shape(args.samples), None
+    else:
+        images, labels = load_samples(args.samples)
+        shape, num = images.shape[1:], min(args.num, len(images)) if args.num else len(images)
+        images, labels = images[:num], None if labels is None else labels[:num]
+    train = record.get("train", {})
+    setup = EvalSetup(metric=args.metric, features=args.features,
+                      reference=args.reference or train.get("data") or args.dataset or "digits",
+                      split=args.reference_split, image_size=shape[0], channels=shape[2],
+                      judge_dataset=args.dataset, seed=args.seed, chunk_size=args.chunk_size,
+                      cache_dir=train.get("cache_dir") or None, use_cache=not args.recompute_reference)
+    ev = Evaluator(setup, acc)
+    desc = f"{args.metric} samples"
+    opts = dict(cfg_scale=args.cfg_scale, sampler=args.sampler, sampling_steps=args.sampling_steps)
+    if args.metric in ("fid", "kid"):
+        if family is not None and (info.paired or callable(getattr(family, "inpaint", None))):
+            raise UserError(f"--metric {args.metric} needs a run that samples from noise; "
+                            f"{info.name if info.paired else 'an inpainting'} run: use --metric psnr or accuracy.")
+        if family is not None:
+            feats = ev.features_of(family_images(family, labels, args.seed, opts), num, desc)
+        elif images is not None:
+            feats = ev.features_of(array_images(images), num, desc)
+        else:
+            from genscale.metrics.reference import folder_features
+
+            feats = folder_features(args.samples, ev.extractor, acc, args.chunk_size, limit=args.num).feats
+        result = ev.distance(feats, noise_shape=tuple(shape))
+    elif args.metric == "accuracy":
+        if family is not None and labels is None:
+            raise UserError(f"The accuracy metric needs a class-conditional run; {args.run} was trained "
+                            "without labels.")
+        if labels is None or (np.asarray(labels) < 0).any():
+            raise UserError("The accuracy metric needs the intended class of every sample (arr_1).")
+        source = family_images(family, labels, args.seed, opts) if family is not None else array_images(images)
+        result = ev.accuracy(source, np.asarray(labels), desc)
+    else:
+        if family is None:
+            raise UserError("--metric psnr needs --run (an inpainting run), not --samples.")
+        mask = args.mask or record.get("options", {}).get("mask") or "mixed"
+        result = ev.psnr(family, num, mask, desc)
+    result = {"metric": args.metric, "source": args.samples or args.run, **result}
+    if args.run:
+        result["step"] = step
+        result["generation"] = {k: getattr(args, k) for k in
+                                ("num", "labels", "seed", "cfg_scale", "sampler", "sampling_steps", "chunk_size")}
+    result["world_size"] = acc.num_processes
+    return result
+
+
+def _g(value: float) -> str:
+    return f"{value:.6g}" if abs(value) < 0.01 else f"{value:.4f}"
+
+
+def describe(result: dict) -> list[str]:
+    metric = result["metric"]
+    if metric in ("fid", "kid"):
+        name = metric.upper()
+        lines = [f"{name} {_g(result[metric])} ({result['features']} features; {result['num']} samples vs "
+                 f"{result['num_reference']} real images of {result['reference']})"]
+        if f"{metric}_floor" in result:
+            lines.append(f"floor, real vs real: {name} {_g(result[metric + '_floor'])} ({result['floor_num']} real "
+                         f"images of {result['floor_source']} vs the same {result['num_reference']})")
+        else:
+            lines.append("floor: none (a folder reference has no second split to compare with)")
+        if f"{metric}_noise" in result:
+            lines.append(f"Gaussian noise: {name} {_g(result[metric + '_noise'])} ({result['num']} images)")
+        return lines
+    if metric == "accuracy":
+        hist = " ".join(f"{c}:{n}" for c, n in enumerate(result["histogram"]))
+        per_class = " ".join(f"{c}:{a:.2f}" for c, a in result["per_class"].items())
+        return [
+            f"sample accuracy: {result['accuracy']:.4f} ({result['num']} samples)",
+            f"floor, real images: {result['accuracy_floor']:.4f} ({result['floor_num']} real images of "
+            f"{result['floor_source']}; judge test accuracy on {result['judge_dataset']}: "
+            f"{result['judge_test_accuracy']:.4f})",
+            f"predicted-class histogram: {hist}",
+            f"per-class accuracy: {per_class}",
+        ]
     return [
-        f"judge test accuracy (held-out real {result['judge_dataset']}): {result['judge_test_accuracy']:.4f}",
-        f"sample accuracy: {result['accuracy']:.4f} ({result['num']} samples)",
-        f"predicted-class histogram: {hist}",
-        f"per-class accuracy: {per_class}",
+        f"hole PSNR: {result['psnr']:.3f} dB ({result['num']} images of {result['reference']}, "
+        f"{result['mask']} masks, {100 * result['hole_fraction']:.1f}% holes)",
+        f"baseline, biharmonic inpainting on the same images and masks: {result['psnr_biharmonic']:.3f} dB",
     ]
-
-
-class Metric(NamedTuple):
-    compute: Callable[[np.ndarray, np.ndarray | None, argparse.Namespace], dict]
-    describe: Callable[[dict], list[str]]
-
-
-# name -> how to compute it and how to print it; fid, kid and psnr join here.
-METRICS: dict[str, Metric] = {"accuracy": Metric(accuracy_metric, describe_accuracy)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--metric", choices=sorted(METRICS), default="accuracy")
+    parser.add_argument("--metric", choices=METRICS, default="fid")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--samples", help="an .npz: arr_0 uint8 N x H x W x C, arr_1 int labels")
+    source.add_argument("--samples", help="an .npz (arr_0 uint8 N x H x W x C, arr_1 int labels) or a folder")
     source.add_argument("--run", help="a run folder to draw fresh samples from")
-    parser.add_argument("--num", type=int, default=200, help="samples to draw (--run only)")
-    parser.add_argument("--labels", default="all", help="class labels to draw (--run only); all = 0..9 in turn")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (--run only)")
+    parser.add_argument("--num", type=int, default=None,
+                        help=f"samples to draw (--run: default {DEFAULT_NUM}; psnr: test images to inpaint)")
+    parser.add_argument("--reference", default=None,
+                        help="real images: a data spec (default: the run's data, or --dataset) or an image folder")
+    parser.add_argument("--reference-split", default="test", choices=["train", "test"])
+    parser.add_argument("--features", choices=FEATURES, default="judge",
+                        help="judge (offline default) or inception (clean-fid's InceptionV3)")
+    parser.add_argument("--labels", default=None, help="class labels to draw (--run only; default 0..K-1 in turn)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling, mask and KID-subset seed")
     parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (--run only)")
     parser.add_argument("--sampler", default=None, help="sampler name, e.g. ddpm or ddim (--run only)")
     parser.add_argument("--sampling-steps", type=int, default=None, help="sampler steps (--run only)")
-    parser.add_argument("--dataset", default="digits", help="the real data set the judge is trained on")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
+                        help="samples per seeded chunk (part of what the samples are a function of)")
+    parser.add_argument("--mask", default=None, help="psnr: mask kind (box, stroke, pixel, mixed); default the run's")
+    parser.add_argument("--dataset", default=None, help="the data set whose judge to use (default: the reference's)")
+    parser.add_argument("--recompute-reference", action="store_true", help="ignore cached reference features")
     parser.add_argument("--min-accuracy", type=float, default=None, help="exit 1 if the accuracy is below this")
     parser.add_argument("--json", default=None, help="also write the result to this JSON file")
     args = parser.parse_args(argv)
-    if args.num <= 0:
+    if args.num is not None and args.num <= 0:
         parser.error("--num must be positive")
+    if args.run and args.num is None:
+        args.num = DEFAULT_NUM
+    if args.chunk_size <= 0:
+        parser.error("--chunk-size must be positive")
     if args.min_accuracy is not None and args.metric != "accuracy":
         parser.error("--min-accuracy applies to --metric accuracy only")
     return args
@@ -147,21 +256,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        images, labels = load_samples(args.samples) if args.samples else generate_samples(args)
-        metric = METRICS[args.metric]
-        result = {"metric": args.metric, "source": args.samples or args.run, **metric.compute(images, labels, args)}
-        if args.run:
-            result["generation"] = {
-                k: getattr(args, k) for k in ("num", "labels", "seed", "cfg_scale", "sampler", "sampling_steps")
-            }
-        for line in metric.describe(result):
-            print(line)
-        if args.json:
-            try:
-                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-            except OSError as err:
-                raise UserError(f"Cannot write {args.json}: {err.strerror}.") from None
+        acc = make_accelerator()
+        result = evaluate(args, acc)
+        if acc.is_main_process:
+            for line in describe(result):
+                print(line)
+            if args.json:
+                try:
+                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+                except OSError as err:
+                    raise UserError(f"Cannot write {args.json}: {err.strerror}.") from None
     except UserError as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -1,0 +1,108 @@
+"""Work on N numbered items split across ranks, gathered so every rank holds all N results.
+
+The items (samples to draw, images to featurise) are cut into fixed-size chunks; chunk k holds
+items [k * chunk_size, (k + 1) * chunk_size) and goes to rank k mod world_size. Anything random
+about a chunk comes from a generator seeded by (seed, k) alone, so the results are a function
+of the item index and never of how many processes share the work: 1 and 8 processes give the
+same rows. Each rank computes its chunks without any collective; then all ranks take part in
+exactly two collectives (did any rank fail? then the padded rows), so no rank waits alone.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from genscale.errors import UserError
+
+# Chunk k's rows: (k, start, stop) -> float tensor (stop - start) x width.
+ChunkFn = Callable[[int, int, int], torch.Tensor]
+# Independent streams for one (seed, chunk); the tag keeps them apart from the data stream's
+# and the trainer's seeds.
+SAMPLES, NOISE, MASKS = range(3)
+_TAG = 0x6E7A
+
+
+def chunk_seed(seed: int, chunk: int, purpose: int = SAMPLES) -> int:
+    """A 32-bit seed for chunk ``chunk`` of a job seeded by ``seed`` (SeedSequence hashing)."""
+    return int(np.random.SeedSequence([seed % 2**64, chunk, purpose, _TAG]).generate_state(1)[0])
+
+
+def chunk_generator(seed: int, chunk: int, purpose: int = SAMPLES) -> torch.Generator:
+    """The CPU generator every random draw of chunk ``chunk`` (for ``purpose``) comes from."""
+    return torch.Generator().manual_seed(chunk_seed(seed, chunk, purpose))
+
+
+def rank_chunks(num: int, chunk_size: int, rank: int, world_size: int) -> list[tuple[int, int, int]]:
+    """(k, start, stop) of the chunks rank ``rank`` computes, round-robin."""
+    count = math.ceil(num / chunk_size)
+    return [(k, k * chunk_size, min(num, (k + 1) * chunk_size)) for k in range(rank, count, world_size)]
+
+
+def _world(accelerator) -> tuple[int, int]:
+    return (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+
+
+def any_rank(flag: bool, accelerator) -> bool:
+    """True on every rank if ``flag`` is true on any rank (one collective, called by all)."""
+    _, world = _world(accelerator)
+    if world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def sharded_rows(num: int, chunk_size: int, width: int, compute: ChunkFn, accelerator=None,
+                 desc: str = "") -> np.ndarray:
+    """Rows (float64, ``num`` x ``width``) in item order, computed chunk by chunk across ranks.
+
+    ``accelerator`` None means one process. Every rank must call this with the same arguments.
+    If ``compute`` raises on some rank, every rank raises (the failing rank its own error).
+    """
+    if num < 1 or chunk_size < 1:
+        raise UserError(f"need at least one item and a positive chunk size, got {num} and {chunk_size}.")
+    rank, world = _world(accelerator)
+    mine = rank_chunks(num, chunk_size, rank, world)
+    per_rank = math.ceil(math.ceil(num / chunk_size) / world)
+    # Column 0 holds the item index (-1 = padding); float64 keeps indices exact to 2^53.
+    rows = torch.full((per_rank * chunk_size, width + 1), float("nan"), dtype=torch.float64)
+    rows[:, 0] = -1
+    error: BaseException | None = None
+    bar = tqdm(total=num, desc=desc, disable=not desc or rank != 0, leave=False, dynamic_ncols=True)
+    try:
+        for j, (k, start, stop) in enumerate(mine):
+            out = compute(k, start, stop).detach().to("cpu", torch.float64)
+            if out.shape != (stop - start, width):
+                raise RuntimeError(f"chunk {k} gave rows of shape {tuple(out.shape)}, expected {(stop - start, width)}")
+            at = j * chunk_size
+            rows[at:at + stop - start, 0] = torch.arange(start, stop, dtype=torch.float64)
+            rows[at:at + stop - start, 1:] = out
+            bar.update((stop - start) * world)
+    except Exception as err:  # noqa: BLE001 -- re-raised below once every rank knows
+        error = err
+    finally:
+        bar.close()
+    if any_rank(error is not None, accelerator):
+        if error is not None:
+            raise error
+        raise UserError("the evaluation failed on another process (its error is printed above).", exit_code=1)
+    if world > 1:
+        rows = accelerator.gather(rows.to(accelerator.device)).cpu()
+    rows = rows[rows[:, 0] >= 0]
+    rows = rows[torch.argsort(rows[:, 0])]
+    if not torch.equal(rows[:, 0], torch.arange(num, dtype=torch.float64)):
+        raise RuntimeError("gathered rows do not cover every item exactly once")
+    return rows[:, 1:].numpy()
+
+
+def gather_objects(items: list, accelerator=None) -> list:
+    """Every rank's list, concatenated in rank order, on every rank (one collective)."""
+    _, world = _world(accelerator)
+    if world == 1:
+        return list(items)
+    from accelerate.utils import gather_object
+
+    return list(gather_object(items))

@@ -1,0 +1,110 @@
+"""Evaluation during training (``--eval-every K``): the trainer's hook, called on every rank.
+
+    evaluator = TrainingEvaluator(run, info, accelerator)   # fails now if it could not work
+    accelerator.register_for_checkpointing(evaluator)       # the best score survives a resume
+    ...
+    with family.using(ema.nets):
+        result = evaluator(family, step)                     # every rank, the same step
+    if main process: metrics.write({"step": step, "kind": "eval", **result})
+    if cfg.keep_best and result["is_best"]: save the best checkpoint
+
+Each call draws ``eval_num`` samples split across the ranks (every rank draws its chunks, then
+one gather: no rank waits alone in a collective), featurises them and compares with the test
+split of the run's data, beside the real-vs-real floor of the same size. Samples come from
+the run's seed and the sample index only, so successive evaluations differ by the weights
+alone. Torch's global RNG is left as it was found.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from genscale.errors import UserError
+from genscale.metrics.evaluation import METRICS, EvalSetup, Evaluator, family_images, intended_labels
+
+HIGHER_IS_BETTER = {"fid": False, "kid": False, "accuracy": True, "psnr": True}
+
+
+class TrainingEvaluator:
+    def __init__(self, run, info, accelerator=None):
+        cfg = run.train
+        self.metric = getattr(cfg, "eval_metric", "fid")
+        self.num = int(getattr(cfg, "eval_num", 1000))
+        features = getattr(cfg, "eval_features", "judge")
+        if self.metric not in METRICS:
+            raise UserError(f"--eval-metric must be one of {', '.join(METRICS)}, got {self.metric!r}.")
+        if self.num < 2:
+            raise UserError(f"--eval-num must be at least 2, got {self.num}.")
+        if self.metric == "accuracy" and not info.num_classes:
+            raise UserError("--eval-metric accuracy needs labelled data (a class-conditional run).")
+        if self.metric in ("fid", "kid", "accuracy"):
+            from genscale.metrics.features import check_features_available
+
+            check_features_available("judge" if self.metric == "accuracy" else features, info.name, "--eval-features")
+        self.info = info
+        self.acc = accelerator
+        self.mask = getattr(run.options, "mask", "mixed")
+        self.evaluator = Evaluator(EvalSetup(metric=self.metric, features=features, reference=cfg.data,
+                                             split="test", image_size=info.image_size, channels=info.channels,
+                                             judge_dataset=info.name, seed=cfg.seed,
+                                             cache_dir=cfg.cache_dir or None), accelerator)
+        self.seed = cfg.seed
+        self.best: float | None = None
+        self.best_step: int | None = None
+
+    def _rng_devices(self) -> list:
+        device = self.acc.device if self.acc is not None else torch.device("cpu")
+        return [device] if device.type == "cuda" else []
+
+    def __call__(self, family, step: int) -> dict[str, float]:
+        """Evaluate ``family`` (with whatever networks it holds now); the same dict on every rank.
+
+        Keys: the metric (e.g. ``fid``), ``<metric>_floor`` (real vs real, same size; for psnr
+        ``psnr_biharmonic``), ``eval_num``, ``eval_seconds``, ``is_best`` (1.0 if this is the best
+        score so far, else 0.0), ``best`` (the best score so far).
+        """
+        start = time.perf_counter()
+        ev = self.evaluator
+        with torch.random.fork_rng(devices=self._rng_devices()):
+            if self.metric in ("fid", "kid"):
+                labels = intended_labels(self.num, self.info.num_classes)
+                feats = ev.features_of(family_images(family, labels, self.seed), self.num)
+                result = ev.distance(feats)
+                floor = result[f"{self.metric}_floor"]
+            elif self.metric == "accuracy":
+                labels = intended_labels(self.num, self.info.num_classes)
+                result = ev.accuracy(family_images(family, labels, self.seed), labels.numpy())
+                floor = result["accuracy_floor"]
+            else:
+                result = ev.psnr(family, self.num, self.mask)
+                floor = result["psnr_biharmonic"]
+        value = float(result[self.metric])
+        improved = math.isfinite(value) and (
+            self.best is None or (value > self.best if HIGHER_IS_BETTER[self.metric] else value < self.best))
+        if improved:
+            self.best, self.best_step = value, step
+        floor_key = "psnr_biharmonic" if self.metric == "psnr" else f"{self.metric}_floor"
+        return {self.metric: value, floor_key: float(floor), "eval_num": float(result["num"]),
+                "eval_seconds": round(time.perf_counter() - start, 3), "is_best": 1.0 if improved else 0.0,
+                "best": float(self.best) if self.best is not None else math.nan}
+
+    def restore(self, records: list[dict], upto_step: int) -> None:
+        """The best score from metrics.jsonl records of this metric up to ``upto_step`` (an
+        alternative to the checkpoint registry that also works when --eval-every is turned on
+        in a resumed run; every rank must see the same file)."""
+        scores = [(float(r[self.metric]), int(r["step"])) for r in records
+                  if r.get("kind") == "eval" and self.metric in r and int(r.get("step", 0)) <= upto_step
+                  and math.isfinite(float(r[self.metric]))]
+        if scores:
+            pick = max if HIGHER_IS_BETTER[self.metric] else min
+            self.best, self.best_step = pick(scores, key=lambda s: s[0])
+
+    # register_for_checkpointing needs these two: the best score survives a resume.
+    def state_dict(self) -> dict:
+        return {"metric": self.metric, "best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("metric") == self.metric:  # a resumed run that changed --eval-metric starts afresh
+            self.best, self.best_step = state.get("best"), state.get("best_step")
