@@ -17,13 +17,14 @@ SMALL = {
     "cgan": {"g_width": 8, "d_width": 8},
     "cgan-binary": {"g_width": 8, "d_width": 8, "discriminator": "binary"},
     "pix2pix": {"g_width": 8, "d_width": 8, "patch_layers": 2},
+    "pix2pix-residual": {"g_width": 8, "d_width": 8, "patch_layers": 2, "residual": True},
     "gan-inpaint": {"g_width": 8, "d_width": 8},
 }
 CASES = list(SMALL)
 
 
 def build(case: str, size: int = 16, channels: int = 1, classes: int = 10, **overrides):
-    model = case.replace("-binary", "")
+    model = case.replace("-binary", "").replace("-residual", "")
     module = family_module(model)
     options = module.Options(**{**SMALL[case], **overrides})
     cfg = TrainConfig(model=model, image_size=size, batch_size=8, lr=1e-3)
@@ -184,6 +185,18 @@ def test_pix2pix_translates_and_grids_input_output_target():
     torch.testing.assert_close(images[0], batch["source"][0].expand(3, -1, -1))
 
 
+def test_pix2pix_residual_starts_from_the_identity():
+    fam = build("pix2pix-residual", channels=3)
+    last = fam.nets["generator"].ups[0][1]  # the outermost transposed convolution
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    source = make_batch()["source"]
+    torch.testing.assert_close(fam.translate(source), source.expand(-1, 3, -1, -1))
+    # ... and any target in [-1, 1] stays reachable: a change of 2 takes -1 to 1
+    torch.nn.init.constant_(last.bias, 10.0)
+    assert torch.equal(fam.translate(-torch.ones(1, 3, 16, 16)), torch.ones(1, 3, 16, 16))
+
+
 def recording_optimize(fam, record):
     def optimize(loss, name):
         record[name] = loss.item()
@@ -261,7 +274,9 @@ def test_configuration_errors_are_one_sentence():
 def test_adam_settings_and_presets(model):
     module = family_module(model)
     run = parse_train_args(["--model", model, "--out", "x"])
-    assert run.train.lr == 2e-4 and run.train.data == module.PRESET["data"]
+    assert run.train.lr == module.PRESET["lr"] and run.train.data == module.PRESET["data"]
+    if model in ("gan", "dcgan", "cgan", "gan-inpaint"):
+        assert run.train.lr == 2e-4  # the DCGAN setting; pix2pix's batches of 16 take 5e-4
     case = model
     fam = build(case, channels=3 if model == "pix2pix" else 1)
     for opt in fam.optimizers.values():

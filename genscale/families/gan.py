@@ -50,7 +50,7 @@ OPTION_HELP = {
     "d_lr": "discriminator learning rate (0 = --lr)",
 }
 
-PRESET = {"data": "digits", "image_size": 16, "steps": 6000, "batch_size": 64, "lr": 2e-4,
+PRESET = {"data": "digits", "image_size": 16, "steps": 4000, "batch_size": 64, "lr": 2e-4,
           "warmup_steps": 0, "grad_clip": 0.0, "ema_decay": 0.999, "ckpt_every": 1000, "sample_every": 1000}
 
 

@@ -55,7 +55,7 @@ OPTION_HELP = {
     "num_downs": "U-Net downsamplings (0 = log2 of the image size)",
 }
 
-PRESET = {"data": "digits", "image_size": 16, "steps": 3000, "batch_size": 64, "lr": 2e-4,
+PRESET = {"data": "digits", "image_size": 16, "steps": 2000, "batch_size": 64, "lr": 2e-4,
           "warmup_steps": 0, "grad_clip": 0.0, "ema_decay": 0.999, "ckpt_every": 1000, "sample_every": 500}
 
 
