@@ -96,7 +96,8 @@ def eps_loss_backward(grad: torch.Tensor, pred: torch.Tensor, seed: int, offset:
 
 
 def ddpm_step(x: torch.Tensor, eps: torch.Tensor, eps_cond: Optional[torch.Tensor], scale: float,
-              t: torch.Tensor, abar: torch.Tensor, clip: bool, large_var: bool, seed: int, offset: int) -> torch.Tensor:
+              t: torch.Tensor, t_prev: torch.Tensor, abar: torch.Tensor, clip: bool, large_var: bool, seed: int,
+              offset: int) -> torch.Tensor:
     from kernels import _noise_triton as k
 
     x, xs = _strides(x)
@@ -106,7 +107,7 @@ def ddpm_step(x: torch.Tensor, eps: torch.Tensor, eps_cond: Optional[torch.Tenso
     if out.numel() == 0:
         return out
     n, c, s, meta, grid = _geometry(x)
-    k.ddpm_step_kernel[grid](x, eps, ec, out, t, abar, float(scale), c, s, _cdiv(s, 4), *_rng(seed, offset),
+    k.ddpm_step_kernel[grid](x, eps, ec, out, t, t_prev, abar, float(scale), c, s, _cdiv(s, 4), *_rng(seed, offset),
                              *xs, *es, *cs, *ncs_strides(out), CFG=eps_cond is not None, CLIP=clip,
                              LARGE_VAR=large_var, **meta)
     return out
@@ -213,13 +214,13 @@ eps_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 @torch.library.custom_op(f"{_LIB}::ddpm_step", mutates_args=())
 def ddpm_step_op(x: torch.Tensor, eps: torch.Tensor, eps_cond: Optional[torch.Tensor], scale: float,
-                 t: torch.Tensor, abar: torch.Tensor, clip: bool, large_var: bool, seed: int,
+                 t: torch.Tensor, t_prev: torch.Tensor, abar: torch.Tensor, clip: bool, large_var: bool, seed: int,
                  offset: int) -> torch.Tensor:
-    return ddpm_step(x, eps, eps_cond, scale, t, abar, clip, large_var, seed, offset)
+    return ddpm_step(x, eps, eps_cond, scale, t, t_prev, abar, clip, large_var, seed, offset)
 
 
 @ddpm_step_op.register_fake
-def _(x, eps, eps_cond, scale, t, abar, clip, large_var, seed, offset):
+def _(x, eps, eps_cond, scale, t, t_prev, abar, clip, large_var, seed, offset):
     return _empty_like_viewable(x)
 
 

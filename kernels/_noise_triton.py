@@ -142,15 +142,16 @@ def _guided_eps(eu_ptr, ec_ptr, scale, n, c, s, mask, seun, seuc, seus, secn, se
 
 
 @triton.jit(do_not_specialize=_RNG_ARGS)
-def ddpm_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, abar_ptr, scale, C, S, SQ, k0, k1, o0, o1,
+def ddpm_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, tp_ptr, abar_ptr, scale, C, S, SQ, k0, k1, o0, o1,
                      sxn, sxc, sxs, seun, seuc, seus, secn, secc, secs, son, soc, sos,
                      CFG: tl.constexpr, CLIP: tl.constexpr, LARGE_VAR: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Ancestral step t -> t-1: posterior mean from x0_hat (optionally clipped) + sigma_t z."""
+    """Ancestral step t -> t_prev (t - 1, or a strided step; < 0: the last, noiseless step):
+    posterior mean from x0_hat (optionally clipped) + sigma z."""
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
-    t = tl.load(t_ptr + n)
-    a_t = tl.load(abar_ptr + t).to(tl.float64)
-    a_prev = tl.where(t > 0, tl.load(abar_ptr + tl.maximum(t - 1, 0)).to(tl.float64), 1.0)
+    a_t = tl.load(abar_ptr + tl.load(t_ptr + n)).to(tl.float64)
+    tp = tl.load(tp_ptr + n)
+    a_prev = tl.where(tp >= 0, tl.load(abar_ptr + tl.maximum(tp, 0)).to(tl.float64), 1.0)
     alpha = a_t / a_prev
     beta = 1.0 - alpha
     cx = (1.0 / tl.sqrt(a_t)).to(tl.float32)
@@ -161,14 +162,14 @@ def ddpm_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, abar_ptr, scale, C, 
         var = beta
     else:
         var = beta * (1.0 - a_prev) / (1.0 - a_t)
-    sigma = tl.sqrt(var).to(tl.float32)
+    sigma = tl.sqrt(tl.maximum(var, 0.0)).to(tl.float32)
     x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
     eps = _guided_eps(eu_ptr, ec_ptr, scale, n, c, s, mask, seun, seuc, seus, secn, secc, secs, CFG)
     x0 = cx * x - ce * eps
     if CLIP:
         x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
     out = m1 * x0 + m2 * x
-    if t > 0:  # the last step adds no noise
+    if tp >= 0:  # the last step adds no noise
         r0, r1, r2, r3 = _rng_key(k0, k1, o0, o1)
         z = _normal_tile(r0, r1, r2, r3, n, c, C, SQ, tl.program_id(2) * (BLOCK_S // 4), BLOCK_C, BLOCK_S)
         out = out + sigma * z
@@ -179,7 +180,8 @@ def ddpm_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, abar_ptr, scale, C, 
 def ddim_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, tp_ptr, abar_ptr, scale, eta, C, S, SQ,
                      k0, k1, o0, o1, sxn, sxc, sxs, seun, seuc, seus, secn, secc, secs, son, soc, sos,
                      CFG: tl.constexpr, CLIP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """DDIM step t -> t_prev (t_prev < 0 means abar = 1): sqrt(a') x0 + sqrt(1 - a' - sig^2) eps + sig z."""
+    """DDIM step t -> t_prev (t_prev < 0 means abar = 1): sqrt(a') x0 + sqrt(1 - a' - sig^2) eps + sig z.
+    With CLIP, x0 is clamped and eps recomputed from it, so that the two stay consistent."""
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
     a_t = tl.load(abar_ptr + tl.load(t_ptr + n)).to(tl.float64)
     tp = tl.load(tp_ptr + n)
@@ -195,6 +197,7 @@ def ddim_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, tp_ptr, abar_ptr, sc
     x0 = cx * x - ce * eps
     if CLIP:
         x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+        eps = (x - tl.sqrt(a_t).to(tl.float32) * x0) * (1.0 / tl.sqrt(1.0 - a_t)).to(tl.float32)
     out = c_x0 * x0 + c_dir * eps
     if sigma > 0:
         r0, r1, r2, r3 = _rng_key(k0, k1, o0, o1)

@@ -115,33 +115,36 @@ def _guided(eps: torch.Tensor, eps_cond: torch.Tensor | None, scale: float, cd: 
 
 
 def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, alphas_cumprod: torch.Tensor, *,
-              eps_cond: torch.Tensor | None = None, guidance_scale: float = 1.0, clip_x0: bool = False,
-              variance: str = "posterior", seed: int = 0, offset: int = 0) -> torch.Tensor:
-    """One ancestral DDPM step t -> t-1.
+              t_prev: torch.Tensor | int | None = None, eps_cond: torch.Tensor | None = None,
+              guidance_scale: float = 1.0, clip_x0: bool = False, variance: str = "posterior",
+              seed: int = 0, offset: int = 0) -> torch.Tensor:
+    """One ancestral DDPM step t -> t_prev (default t - 1; a larger gap is a respaced step).
 
     eps is the predicted noise; with ``eps_cond`` it is the unconditional prediction and the
     step uses eps + guidance_scale * (eps_cond - eps). x0_hat = (x_t - sqrt(1-abar_t) eps) /
-    sqrt(abar_t), clamped to [-1, 1] when ``clip_x0``; the result is the posterior mean
-    beta_t sqrt(abar_{t-1}) / (1-abar_t) x0_hat + (1-abar_{t-1}) sqrt(alpha_t) / (1-abar_t) x_t
-    plus sigma_t z, z drawn at (seed, offset), sigma_t^2 = beta_t (1-abar_{t-1}) / (1-abar_t)
-    (``variance="posterior"``) or beta_t (``"beta"``); no noise where t == 0 (abar_{-1} = 1).
+    sqrt(abar_t), clamped to [-1, 1] when ``clip_x0``. With abar' = abar[t_prev] (1 where
+    t_prev < 0) and beta = 1 - abar_t / abar', the result is the posterior mean
+    beta sqrt(abar') / (1-abar_t) x0_hat + (1-abar') sqrt(1-beta) / (1-abar_t) x_t plus sigma z,
+    z drawn at (seed, offset), sigma^2 = beta (1-abar') / (1-abar_t) (``variance="posterior"``)
+    or beta (``"beta"``); no noise where t_prev < 0 (the last step returns the mean).
     """
     _check_like(x_t, eps=eps, eps_cond=eps_cond)
     check_seed_offset(seed, offset)
     if variance not in _VARIANCES:
         raise ValueError(f"variance must be 'posterior' or 'beta'; got {variance!r}")
     t = _steps(t, x_t.shape[0], x_t.device)
+    t_prev = t - 1 if t_prev is None else _steps(t_prev, x_t.shape[0], x_t.device, "t_prev")
     abar = _table(alphas_cumprod, x_t.device)
     if use_triton(x_t, eps, eps_cond) and x_t.dtype != torch.float64:
-        return _noise_ops.ddpm_step_op(x_t, eps, eps_cond, float(guidance_scale), t, abar, bool(clip_x0),
+        return _noise_ops.ddpm_step_op(x_t, eps, eps_cond, float(guidance_scale), t, t_prev, abar, bool(clip_x0),
                                        variance == "beta", int(seed), int(offset))
     cd = _compute_dtype(x_t)
     a_t = abar[t]
-    a_prev = torch.where(t > 0, abar[(t - 1).clamp(min=0)], torch.ones_like(a_t))
+    a_prev = torch.where(t_prev >= 0, abar[t_prev.clamp(min=0)], torch.ones_like(a_t))
     alpha = a_t / a_prev
     beta = 1.0 - alpha
     var = beta if variance == "beta" else beta * (1.0 - a_prev) / (1.0 - a_t)
-    sigma = torch.where(t > 0, torch.sqrt(var), torch.zeros_like(var))
+    sigma = torch.where(t_prev >= 0, torch.sqrt(var.clamp(min=0.0)), torch.zeros_like(var))
     x = x_t.to(cd)
     e = _guided(eps, eps_cond, guidance_scale, cd)
     x0 = _per_sample(1.0 / torch.sqrt(a_t), x_t) * x - _per_sample(torch.sqrt((1.0 - a_t) / a_t), x_t) * e
@@ -159,8 +162,9 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, t_pre
     """One DDIM step t -> t_prev (t_prev < 0 means abar = 1, the final step).
 
     x_{t'} = sqrt(abar_t') x0_hat + sqrt(1 - abar_t' - sigma^2) eps + sigma z, with
-    sigma = eta sqrt((1-abar_t')/(1-abar_t)) sqrt(1 - abar_t/abar_t'); x0_hat as in ddpm_step
-    (clamped when ``clip_x0``; eps itself is not recomputed), guidance as in ddpm_step.
+    sigma = eta sqrt((1-abar_t')/(1-abar_t)) sqrt(1 - abar_t/abar_t'); x0_hat and guidance as in
+    ddpm_step. With ``clip_x0`` x0_hat is clamped and eps recomputed from it,
+    eps = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t), as guided-diffusion does.
     """
     _check_like(x_t, eps=eps, eps_cond=eps_cond)
     check_seed_offset(seed, offset)
@@ -177,9 +181,11 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, t_pre
     a_p = torch.where(t_prev >= 0, abar[t_prev.clamp(min=0)], torch.ones_like(a_t))
     sigma = eta * torch.sqrt((1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p))
     e = _guided(eps, eps_cond, guidance_scale, cd)
-    x0 = _per_sample(1.0 / torch.sqrt(a_t), x_t) * x_t.to(cd) - _per_sample(torch.sqrt((1.0 - a_t) / a_t), x_t) * e
+    x = x_t.to(cd)
+    x0 = _per_sample(1.0 / torch.sqrt(a_t), x_t) * x - _per_sample(torch.sqrt((1.0 - a_t) / a_t), x_t) * e
     if clip_x0:
         x0 = x0.clamp(-1.0, 1.0)
+        e = (x - _per_sample(torch.sqrt(a_t), x_t) * x0) * _per_sample(1.0 / torch.sqrt(1.0 - a_t), x_t)
     c_dir = torch.sqrt((1.0 - a_p - sigma * sigma).clamp(min=0.0))
     out = _per_sample(torch.sqrt(a_p), x_t) * x0 + _per_sample(c_dir, x_t) * e
     if eta > 0:

@@ -36,8 +36,20 @@ def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> t
     return torch.device(request.param)
 
 
+@pytest.fixture(scope="session")
+def dynamo_tables() -> None:
+    """Let torch._dynamo build its tables of torch functions before `poison` patches any.
+
+    Dynamo resolves torch.* functions into lookup tables the first time it runs (a custom op call
+    is enough); built while torch.empty_like is patched, they would make later compiles
+    graph-break on the real function.
+    """
+    torch.compile(lambda t: torch.empty_like(t) + torch.empty(1), backend="eager", fullgraph=True)(torch.zeros(1))
+    torch._dynamo.reset()
+
+
 @pytest.fixture
-def poison(monkeypatch: pytest.MonkeyPatch) -> None:
+def poison(monkeypatch: pytest.MonkeyPatch, dynamo_tables: None) -> None:
     """Every fresh float tensor starts as NaN, so an element a kernel forgets to write fails the test."""
     empty, empty_like = torch.empty, torch.empty_like
 

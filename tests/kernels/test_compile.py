@@ -68,5 +68,5 @@ def test_custom_op_registrations(device):
     torch.library.opcheck(_noise_ops.q_sample_op, (x, None, t, abar, 3, 4))
     torch.library.opcheck(_noise_ops.eps_loss_op, (x, 3, 4, False))
     torch.library.opcheck(_noise_ops.philox_normal_op, (xd, 3, 4, torch.float32))
-    torch.library.opcheck(_noise_ops.ddpm_step_op, (xd, xd, xd, 2.0, t, abar, True, False, 3, 4))
+    torch.library.opcheck(_noise_ops.ddpm_step_op, (xd, xd, xd, 2.0, t, t - 1, abar, True, False, 3, 4))
     torch.library.opcheck(_noise_ops.ddim_step_op, (xd, xd, None, 1.0, t, t - 1, abar, 0.5, False, 3, 4))

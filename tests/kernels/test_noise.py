@@ -144,21 +144,23 @@ def guided(eps, eps_cond, scale):
     return e if eps_cond is None else e + scale * (eps_cond.double().cpu() - e)
 
 
+@pytest.mark.parametrize("respaced", [False, True], ids=["t-1", "strided"])
 @pytest.mark.parametrize("cfg", [False, True], ids=["plain", "cfg"])
 @pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
 @pytest.mark.parametrize("variance", ["posterior", "beta"])
-def test_ddpm_step_closed_form(device, poison, cfg, clip, variance):
+def test_ddpm_step_closed_form(device, poison, cfg, clip, variance, respaced):
     x = make(SHAPE, False, device)
     eps, eps_cond = make(SHAPE, False, device), make(SHAPE, True, device) if cfg else None
     abar = abar_table(device)
-    betas = 1.0 - abar.cpu() / torch.cat([torch.ones(1, dtype=torch.float64), abar.cpu()[:-1]])
-    out = kernels.ddpm_step(x, eps, STEPS.to(device), abar, eps_cond=eps_cond, guidance_scale=2.5,
-                            clip_x0=clip, variance=variance, seed=3, offset=17)
-    # Ho et al. eq. 7 with x0 predicted from eps; sigma from the chosen variance; no noise at t = 0.
     t = STEPS
+    t_prev = torch.tensor([-1, 449, 979]) if respaced else t - 1
+    out = kernels.ddpm_step(x, eps, t.to(device), abar, t_prev=t_prev.to(device) if respaced else None,
+                            eps_cond=eps_cond, guidance_scale=2.5, clip_x0=clip, variance=variance, seed=3, offset=17)
+    # Ho et al. eq. 7 with x0 predicted from eps (respaced: beta = 1 - abar_t / abar_t'); no noise
+    # on the last step.
     a_t = per_sample(abar.cpu()[t])
-    a_prev = per_sample(torch.where(t > 0, abar.cpu()[(t - 1).clamp(min=0)], torch.ones(3, dtype=torch.float64)))
-    beta = per_sample(betas[t])
+    a_prev = per_sample(torch.where(t_prev >= 0, abar.cpu()[t_prev.clamp(min=0)], torch.ones(3, dtype=torch.float64)))
+    beta = 1 - a_t / a_prev
     e = guided(eps, eps_cond, 2.5)
     xd = x.double().cpu()
     x0 = (xd - (1 - a_t).sqrt() * e) / a_t.sqrt()
@@ -166,7 +168,7 @@ def test_ddpm_step_closed_form(device, poison, cfg, clip, variance):
         x0 = x0.clamp(-1, 1)
     mean = beta * a_prev.sqrt() / (1 - a_t) * x0 + (1 - a_prev) * (1 - beta).sqrt() / (1 - a_t) * xd
     var = beta if variance == "beta" else beta * (1 - a_prev) / (1 - a_t)
-    sigma = var.sqrt() * (per_sample(t) > 0)
+    sigma = var.sqrt() * (per_sample(t_prev) >= 0)
     expected = mean + sigma * draws(SHAPE, 3, 17)
     assert rel_err(out, expected) <= 1e-5
     assert torch.equal(out[0].cpu(), out[0].cpu())  # finite: NaN != NaN
@@ -188,8 +190,9 @@ def test_ddim_step_closed_form(device, poison, eta, cfg, clip):
     a_p = per_sample(torch.where(t_prev >= 0, abar.cpu()[t_prev.clamp(min=0)], torch.ones(3, dtype=torch.float64)))
     e = guided(eps, eps_cond, 4.0)
     x0 = (x.double().cpu() - (1 - a_t).sqrt() * e) / a_t.sqrt()
-    if clip:
+    if clip:  # eps follows the clamped x0 (guided-diffusion's convention)
         x0 = x0.clamp(-1, 1)
+        e = (x.double().cpu() - a_t.sqrt() * x0) / (1 - a_t).sqrt()
     c1 = eta * ((1 - a_t / a_p) * (1 - a_p) / (1 - a_t)).sqrt()
     expected = a_p.sqrt() * x0 + (1 - a_p - c1**2).clamp(min=0).sqrt() * e + c1 * draws(SHAPE, 8, 1)
     assert out.is_contiguous(memory_format=torch.channels_last)
