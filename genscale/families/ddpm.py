@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels
 from genscale.diffusion.samplers import ddim_sample, ddpm_sample
 from genscale.diffusion.schedule import NoiseSchedule
 from genscale.diffusion.losses import diffusion_loss
@@ -92,10 +93,22 @@ class DDPM(Family):
             labels = batch["label"].clamp(min=0)
             drop = torch.rand(labels.shape, device=labels.device) < self.opts.cond_drop
             labels = torch.where(drop | (batch["label"] < 0), torch.full_like(labels, self.num_classes), labels)
-        loss = diffusion_loss(self._model_fn, x0, labels, self.schedule, prediction=self.opts.prediction,
-                              loss=self.opts.loss)
+        if self.opts.prediction == "eps":
+            loss = self._fused_eps_loss(x0, labels)
+        else:
+            loss = diffusion_loss(self._model_fn, x0, labels, self.schedule, prediction="v", loss=self.opts.loss)
         optimize(loss, "model")
         return {"loss": loss.item()}
+
+    def _fused_eps_loss(self, x0: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Forward noising and the eps loss through the fused kernels: eps is drawn from Philox at
+        (seed, 0) inside q_sample and regenerated inside eps_loss, never stored. The seed comes
+        from torch's RNG, which the trainer re-seeds every step, so resume stays exact."""
+        t = torch.randint(0, self.schedule.timesteps, (x0.shape[0],), device=x0.device)
+        seed = int(torch.randint(0, 2**62, ()).item())
+        abar = self.schedule.alphas_cumprod.to(x0.device)
+        x_t = kernels.q_sample(x0, t, abar, seed=seed)
+        return kernels.eps_loss(self._model_fn(x_t, t, labels), seed, kind=self.opts.loss)
 
     @torch.no_grad()
     def sample(self, n, labels=None, generator=None, cfg_scale=None, sampler=None, sampling_steps=None,
