@@ -154,6 +154,12 @@ def test_sampling_options_a_gan_does_not_take_are_refused():
         fam.sample(2, cfg_scale=3.0)
 
 
+def reference(n: int = 10, channels: int = 1, seed: int = 7) -> dict:
+    """Stands in for the held-out images a family would read from its data."""
+    b = make_batch(n, channels=channels, seed=seed)
+    return {"image": b["image"], "source": b["source"].expand(-1, channels, -1, -1).clone()}
+
+
 def test_inpainting_keeps_known_pixels_exactly():
     fam = build("gan-inpaint")
     fam.training_step(make_batch(), plain_optimize(fam))
@@ -165,24 +171,50 @@ def test_inpainting_keeps_known_pixels_exactly():
     known = mask.expand_as(x) > 0.5
     assert torch.equal(out[known], x[known])
     assert not torch.equal(out[~known], x[~known])
+    fam._reference = reference()
     a = fam.sample(8, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a, fam.sample(8, generator=torch.Generator().manual_seed(4)))
+    assert not torch.equal(a, fam.sample(8, generator=torch.Generator().manual_seed(5)))
     images, per_row = fam.grid(torch.Generator().manual_seed(0))
     assert per_row == 3 and images.shape == (24, 1, 16, 16)
+    torch.testing.assert_close(images[2::3], fam._reference["image"][:8])  # originals, third in a row
 
 
 def test_pix2pix_translates_and_grids_input_output_target():
     fam = build("pix2pix", channels=3)
-    with pytest.raises(UserError):
-        fam.sample(2)  # nothing kept yet and no source given
     batch = make_batch(channels=3)
     fam.training_step(batch, plain_optimize(fam))  # a 1-channel source feeds a 3-channel model
     out = fam.sample(3, source=batch["source"][:3])
     assert out.shape == (3, 3, 16, 16)
+    fam._reference = reference(channels=3)
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    drawn = fam.sample(4, generator=gen())  # held-out sources picked by the seed
+    chosen = torch.randperm(10, generator=gen())[:4]
+    torch.testing.assert_close(drawn, fam.translate(fam._reference["source"][chosen]))
     images, per_row = fam.grid()
     assert per_row == 3 and images.shape == (24, 3, 16, 16)
-    torch.testing.assert_close(images[2], batch["image"][0])  # the target is the third of a row
-    torch.testing.assert_close(images[0], batch["source"][0].expand(3, -1, -1))
+    torch.testing.assert_close(images[0], fam._reference["source"][0])  # input | output | target
+    torch.testing.assert_close(images[2], fam._reference["image"][0])
+
+
+def test_reference_images_come_from_the_run_data_test_split_or_else_train(tmp_path):
+    import numpy as np
+
+    from genscale.data.writer import encode_png, write_split
+    from genscale.families.gan_reference import load_reference
+
+    rng = np.random.default_rng(0)
+    pairs = [{"__key__": f"k{i}", "src.png": encode_png(rng.integers(0, 256, (8, 8), dtype=np.uint8)),
+              "tgt.png": encode_png(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))} for i in range(6)]
+    write_split(pairs, str(tmp_path / "pairs"))  # shards only, no train/test folders
+    cfg = TrainConfig(model="pix2pix", data=str(tmp_path / "pairs"), image_size=8)
+    ref = load_reference(cfg, DataInfo("pairs", 3, 8, 0, paired=True))
+    assert ref["image"].shape == (6, 3, 8, 8) and ref["source"].shape == (6, 3, 8, 8)
+    # a grey source arrives as three equal channels; values are the PNGs' in [-1, 1]
+    assert torch.equal(ref["source"][:, 0], ref["source"][:, 1])
+    assert ref["image"].min() >= -1 and ref["image"].max() <= 1
+    with pytest.raises(UserError, match="cannot be read"):
+        load_reference(TrainConfig(data=str(tmp_path / "missing")), DataInfo("x", 1, 8, 0))
 
 
 def test_pix2pix_residual_starts_from_the_identity():

@@ -18,11 +18,12 @@ from genscale.errors import UserError
 from genscale.families.base import Batch, DataInfo, Optimize
 from genscale.families.gan_base import AdversarialFamily, eval_mode
 from genscale.families.gan_losses import d_loss_bce, g_loss_nonsaturating, masked_mse
+from genscale.families.gan_reference import load_reference, pick
 from genscale.families.pix2pix import check_image_to_image_options, check_patch_layers
 from genscale.models.patchgan import PatchDiscriminator
 from genscale.models.pix2pix_unet import UNetGenerator
 
-PREVIEW = 8  # images kept from the first batch for the periodic grids
+GRID_ROWS = 8  # held-out images shown in the periodic masked | inpainted | original grid
 
 
 @dataclass
@@ -78,7 +79,13 @@ class GANInpaint(AdversarialFamily):
             "discriminator": PatchDiscriminator(c, options.d_width, options.patch_layers),
         }
         self.make_optimizers((options.beta1, options.beta2), options.d_lr)
-        self.preview: torch.Tensor | None = None
+        self._reference: dict[str, torch.Tensor] | None = None
+
+    def reference(self) -> dict[str, torch.Tensor]:
+        """Held-out images of the run's data, for sampling without given images (cached)."""
+        if self._reference is None:
+            self._reference = load_reference(self.train_cfg, self.info)
+        return self._reference
 
     def predict(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The generator's raw prediction of the whole image from its known part."""
@@ -86,8 +93,6 @@ class GANInpaint(AdversarialFamily):
 
     def training_step(self, batch: Batch, optimize: Optimize) -> dict[str, float]:
         x = batch["image"]
-        if self.preview is None:
-            self.preview = x[:PREVIEW].detach().clone()
         mask = random_masks(self.opts.mask, x.shape[0], tuple(x.shape[-2:])).to(x.device, x.dtype)
         d = self.nets["discriminator"]
         pred = self.predict(x, mask)
@@ -119,13 +124,11 @@ class GANInpaint(AdversarialFamily):
     @torch.no_grad()
     def sample(self, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None,
                image: torch.Tensor | None = None, mask: torch.Tensor | None = None, **options) -> torch.Tensor:
-        """Inpaint ``image`` (default: images kept from training) under ``mask`` (default: random
-        masks of the training kind drawn from ``generator``)."""
+        """Inpaint ``image`` (default: held-out images of the run's data picked by ``generator``)
+        under ``mask`` (default: random masks of the training kind drawn from ``generator``)."""
         self.check_sample_options(options)
         if image is None:
-            if self.preview is None:
-                raise UserError("gan-inpaint fills holes in images: pass images (none were kept from training)")
-            image = self.preview[torch.arange(n) % len(self.preview)]
+            image = pick(self.reference(), n, generator)["image"]
         if len(image) != n:
             raise UserError(f"got {len(image)} images for {n} samples")
         if mask is None:
@@ -134,10 +137,8 @@ class GANInpaint(AdversarialFamily):
 
     @torch.no_grad()
     def grid(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
-        """The periodic grid: one row per kept image, masked input | inpainted | original."""
-        if self.preview is None:
-            raise UserError("no training batch seen yet, so there is nothing to inpaint")
-        x = self.preview.to(self.device)
+        """The periodic grid: one row per held-out image, masked input | inpainted | original."""
+        x = self.reference()["image"][:GRID_ROWS].to(self.device)
         mask = random_masks(self.opts.mask, len(x), tuple(x.shape[-2:]), generator=generator).to(x)
         out = self.inpaint(x, mask)
         shown = torch.where(mask.expand_as(x) > 0.5, x, torch.ones_like(x))  # holes shown white

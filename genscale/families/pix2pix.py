@@ -16,10 +16,11 @@ from genscale.errors import UserError
 from genscale.families.base import Batch, DataInfo, Optimize
 from genscale.families.gan_base import AdversarialFamily, eval_mode
 from genscale.families.gan_losses import d_loss_bce, g_loss_nonsaturating
+from genscale.families.gan_reference import load_reference, pick
 from genscale.models.patchgan import PatchDiscriminator, patch_output_size
 from genscale.models.pix2pix_unet import UNetGenerator
 
-PREVIEW = 8  # pairs kept from the first batch for the periodic grids
+GRID_ROWS = 8  # held-out pairs shown in the periodic input | output | target grid
 
 
 @dataclass
@@ -112,15 +113,21 @@ class Pix2Pix(AdversarialFamily):
                                                 options.patch_layers),
         }
         self.make_optimizers((options.beta1, options.beta2), options.d_lr)
-        self.preview: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._reference: dict[str, torch.Tensor] | None = None
+
+    def reference(self) -> dict[str, torch.Tensor]:
+        """Held-out pairs of the run's data, for sampling without given sources (cached)."""
+        if self._reference is None:
+            self._reference = load_reference(self.train_cfg, self.info)
+            if "source" not in self._reference:
+                raise UserError(f"the run's data {self.train_cfg.data!r} holds no paired sources to translate")
+        return self._reference
 
     def training_step(self, batch: Batch, optimize: Optimize) -> dict[str, float]:
         if "source" not in batch:
             raise UserError("pix2pix needs paired batches with a source image")
         a = match_channels(batch["source"], self.source_channels)
         b = batch["image"]
-        if self.preview is None:
-            self.preview = (a[:PREVIEW].detach().clone(), b[:PREVIEW].detach().clone())
         d = self.nets["discriminator"]
         fake = self.generate(a)
 
@@ -155,23 +162,20 @@ class Pix2Pix(AdversarialFamily):
     @torch.no_grad()
     def sample(self, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None,
                source: torch.Tensor | None = None, **options) -> torch.Tensor:
-        """Translations of ``source`` (n images); without one, of the pairs kept from training."""
+        """Translations of ``source`` (n images); without one, of held-out sources of the run's
+        data picked by ``generator`` (the same seed picks the same ones)."""
         self.check_sample_options(options)
         if source is None:
-            if self.preview is None:
-                raise UserError("pix2pix translates images: pass source images (none were kept from training)")
-            source = self.preview[0]
-            source = source[torch.arange(n) % len(source)]
+            source = pick(self.reference(), n, generator)["source"]
         if len(source) != n:
             raise UserError(f"got {len(source)} source images for {n} samples")
         return self.translate(source)
 
     @torch.no_grad()
     def grid(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
-        """The periodic grid: one row per kept pair, input | output | target; -> (images, per row)."""
-        if self.preview is None:
-            raise UserError("no training batch seen yet, so there is nothing to translate")
-        a, b = self.preview
+        """The periodic grid: one row per held-out pair, input | output | target; -> (images, per row)."""
+        ref = self.reference()
+        a, b = ref["source"][:GRID_ROWS], ref["image"][:GRID_ROWS]
         out = self.translate(a)
         rows = torch.stack([match_channels(a, b.shape[1]).to(out), out, b.to(out)], 1)
         return rows.flatten(0, 1), 3
