@@ -14,6 +14,7 @@ if __name__ == "__main__":  # run as a script: import the package, not the files
 
 import dataclasses
 import json
+import os
 from typing import Iterator
 
 import torch
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             "device": str(acc.device),
             "versions": library_versions(),
             "git_commit": git_commit(),
+            "slurm": {k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_NODELIST")
+                      if k in os.environ},
             "parameters": {n: sum(p.numel() for p in m.parameters()) for n, m in family.nets.items()},
         })
         write_json_atomic(out / "config.json", record)
@@ -119,8 +122,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _num_machines(world: int) -> int:
     """Machines in the job: the launcher exports the processes per machine as LOCAL_WORLD_SIZE."""
-    import os
-
     return max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world) or world))
 
 

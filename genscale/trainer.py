@@ -158,7 +158,9 @@ class Trainer:
         if acc.is_main_process:
             if resumed:
                 self.metrics.truncate_after(start)
-                acc.print(f"resuming {self.out} from step {start}")
+                restarts = os.environ.get("SLURM_RESTART_COUNT")
+                acc.print(f"resuming {self.out} from step {start}"
+                          + (f" (SLURM_RESTART_COUNT={restarts})" if restarts is not None else ""))
         self.stop.install()
         stream = self.batches(start)
         bar = tqdm(total=cfg.steps, initial=start, disable=not acc.is_main_process, dynamic_ncols=True,

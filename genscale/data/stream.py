@@ -22,7 +22,10 @@ since the previous batch of the same worker.
 """
 from __future__ import annotations
 
+import os
 import random
+import signal
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -152,6 +155,24 @@ class _SampleStages:
         return wds.batched(self.batch_size, collation_fn=collate, partial=not self.resampled)(samples)
 
 
+def ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGINT to the trainer process, which saves before exiting.
+
+    SLURM (scancel, preemption, the time limit) and Ctrl-C signal every process of a job; a
+    worker killed that way would crash the trainer before it could save. Only the parent's own
+    SIGTERM (multiprocessing's shutdown of its workers) still ends a worker.
+    """
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+
+    def wait() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM, signal.SIGINT}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=wait, daemon=True, name="stop-signals").start()
+
+
 def make_loader(shards: ShardSet, *, image_size: int, channels: int, batch_size: int,
                 batches_per_epoch: int, seed: int, epoch: int, rank: int, world_size: int,
                 num_workers: int = 1, shuffle_buffer: int = 1000, flip: bool = False,
@@ -183,7 +204,8 @@ def make_loader(shards: ShardSet, *, image_size: int, channels: int, batch_size:
     # global RNG, which the trainer checkpoints and must find untouched.
     generator = torch.Generator().manual_seed(stream_seed(seed, epoch, rank, 0, _LOADER))
     loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=num_workers,
-                           generator=generator, persistent_workers=False)
+                           generator=generator, persistent_workers=False,
+                           worker_init_fn=ignore_stop_signals if num_workers else None)
     if resampled:
         # On the loader, not the dataset: a dataset's epoch would count per worker.
         loader = loader.with_epoch(batches_per_epoch)
