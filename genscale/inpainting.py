@@ -1,0 +1,106 @@
+"""The one inpainting interface of every family that fills holes, and the task sample.py runs.
+
+A family that can inpaint has ``inpaint(images, masks[, generator]) -> filled images``:
+images float N x C x H x W in [-1, 1], masks N x 1 x H x W with 1 = known pixel, 0 = hole, and
+the result keeps every known pixel bit for bit (``composite``). ``run_inpainting`` is
+``sample.py --task inpaint``: uint8 N x H x W x C images and uint8 N x H x W masks in, uint8
+filled images out, with the known pixels copied from the input in the uint8 domain so that
+no rounding can touch them.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genscale.errors import UserError
+
+
+def composite(image: torch.Tensor, prediction: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Known pixels (mask 1) from ``image`` exactly, holes from ``prediction``."""
+    return torch.where(mask.expand_as(image) > 0.5, image, prediction.to(image.dtype))
+
+
+def check_masks(images: torch.Tensor, masks: torch.Tensor) -> None:
+    if (masks.ndim != 4 or masks.shape[1] != 1 or masks.shape[0] != images.shape[0]
+            or masks.shape[-2:] != images.shape[-2:]):
+        raise UserError(f"masks must be N x 1 x H x W matching the images, got {tuple(masks.shape)} "
+                        f"for images {tuple(images.shape)}")
+
+
+def centre_box_masks(n: int, size: int | tuple[int, int], frac: float = 0.5,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """``n`` identical masks with one centred square hole of ``frac`` of each side (1 = known)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    bh, bw = max(1, round(h * frac)), max(1, round(w * frac))
+    top, left = (h - bh) // 2, (w - bw) // 2
+    mask = torch.ones(n, 1, h, w, device=device)
+    mask[:, :, top:top + bh, left:left + bw] = 0.0
+    return mask
+
+
+def can_inpaint(family) -> bool:
+    return callable(getattr(family, "inpaint", None))
+
+
+def call_inpaint(family, images: torch.Tensor, masks: torch.Tensor,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """``family.inpaint`` with the generator when it takes one (stochastic fillers need it)."""
+    if not can_inpaint(family):
+        raise UserError(f"model {getattr(family, 'name', type(family).__name__)} cannot fill holes; "
+                        "inpainting runs: inpaint, gan-inpaint, transformer")
+    if "generator" in inspect.signature(family.inpaint).parameters:
+        return family.inpaint(images, masks, generator=generator)
+    return family.inpaint(images, masks)
+
+
+def _load_array(path: str, what: str) -> np.ndarray:
+    if not Path(path).is_file():
+        raise UserError(f"{what} file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "arr_0" not in data:
+                raise UserError(f"{what} file {path} has no arr_0 array")
+            return data["arr_0"]
+    except (OSError, ValueError):
+        raise UserError(f"{what} file {path} is not a readable .npz") from None
+
+
+def load_inpainting_inputs(images_path: str, masks_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """IMAGES.npz arr_0 uint8 N x H x W x C (or N x H x W) and MASKS.npz arr_0 uint8 N x H x W of 0/1."""
+    images, masks = _load_array(images_path, "--input"), _load_array(masks_path, "--mask")
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise UserError(f"--input arr_0 must be uint8 N x H x W x C, got {images.dtype} {images.shape}")
+    if images.ndim == 3:
+        images = images[..., None]
+    if masks.ndim == 4 and masks.shape[-1] == 1:
+        masks = masks[..., 0]
+    if masks.shape != images.shape[:3]:
+        raise UserError(f"--mask arr_0 must be N x H x W matching the images {images.shape[:3]}, got {masks.shape}")
+    if not np.isin(masks, (0, 1)).all():
+        raise UserError("--mask values must be 1 (known pixel) or 0 (hole)")
+    return images, masks.astype(np.uint8)
+
+
+def run_inpainting(family, images: np.ndarray, masks: np.ndarray, image_size: int, channels: int,
+                   seed: int = 0, batch_size: int = 250) -> np.ndarray:
+    """Fill the holes of uint8 NHWC ``images`` under uint8 NHW ``masks`` (1 = known) with ``family``."""
+    if images.shape[1:] != (image_size, image_size, channels):
+        raise UserError(f"the run works on {image_size} x {image_size} x {channels} images, "
+                        f"got {' x '.join(map(str, images.shape[1:]))}")
+    from genscale.run_files import to_uint8
+
+    device = family.device
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[start:start + batch_size]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        m = torch.from_numpy(masks[start:start + batch_size]).to(device)[:, None].float()
+        filled = call_inpaint(family, x, m, gen)
+        if filled.shape != x.shape:
+            raise UserError(f"{family.name}.inpaint returned shape {tuple(filled.shape)} for images {tuple(x.shape)}")
+        out.append(to_uint8(filled))
+    filled = np.concatenate(out) if out else images.copy()
+    return np.where(masks[..., None] == 1, images, filled)  # known pixels: the input's bytes
