@@ -16,6 +16,10 @@ FAMILIES: dict[str, str] = {
     "cgan": "genscale.families.cgan",
     "pix2pix": "genscale.families.pix2pix",
     "gan-inpaint": "genscale.families.gan_inpaint",
+    "vae": "genscale.families.vae",
+    "inpaint": "genscale.families.inpaint",
+    "transformer": "genscale.families.transformer",
+    "ldm": "genscale.families.ldm",
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -25,6 +29,10 @@ DESCRIPTIONS: dict[str, str] = {
     "cgan": "class-conditional GAN (N+1-way discriminator, or --discriminator binary)",
     "pix2pix": "paired image-to-image translation: U-Net + PatchGAN, GAN + 100 L1",
     "gan-inpaint": "adversarial inpainting: U-Net on (masked image, mask) + PatchGAN",
+    "vae": "convolutional VAE: reconstruction + beta * KL, negative ELBO in nats and bits/dim",
+    "inpaint": "U-Net inpainting: (masked image, mask) -> image, MSE on the holes",
+    "transformer": "encoder-only transformer on patches: masked-patch MSE, inpainting, MaskGIT-style generation",
+    "ldm": "latent diffusion: DDPM on the scaled latents of a trained vae run (--autoencoder RUN)",
 }
 
 
