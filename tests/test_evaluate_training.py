@@ -117,3 +117,12 @@ def test_bad_settings_fail_before_training_starts(change, message, cache):
 def test_accuracy_needs_labels(cache):
     with pytest.raises(UserError, match="class-conditional"):
         TrainingEvaluator(run_config(eval_metric="accuracy"), DataInfo("digits", 1, 16, 0))
+
+
+def test_missing_inception_weights_fail_before_training_starts(cache, tmp_path, monkeypatch):
+    import cleanfid.downloads_helper as dl
+
+    monkeypatch.setenv("GENSCALE_INCEPTION_DIR", str(tmp_path))
+    monkeypatch.setattr(dl, "check_download_inception", lambda fpath: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(UserError, match=f"place inception-2015-12-05.pt .* in {tmp_path}/ .* use --eval-features judge"):
+        TrainingEvaluator(run_config(eval_features="inception"), INFO)

@@ -68,13 +68,13 @@ def inception_dir() -> Path:
     return Path(os.environ.get("GENSCALE_INCEPTION_DIR") or "/tmp")
 
 
-def inception_missing_message(folder: Path) -> str:
+def inception_missing_message(folder: Path, flag: str = "--features") -> str:
     return (f"clean-fid's Inception weights are missing and cannot be downloaded here: place {INCEPTION_FILE} "
             f"(from {INCEPTION_URL}) in {folder}/ (or set GENSCALE_INCEPTION_DIR to its folder), "
-            "or use --features judge.")
+            f"or use {flag} judge.")
 
 
-def ensure_inception_weights(download: bool = True) -> Path:
+def ensure_inception_weights(download: bool = True, flag: str = "--features") -> Path:
     """The path of the Inception weights, downloading them with clean-fid's helper if absent."""
     folder = inception_dir()
     path = folder / INCEPTION_FILE
@@ -92,7 +92,7 @@ def ensure_inception_weights(download: bool = True) -> Path:
             path.unlink(missing_ok=True)  # never leave a partial download that looks complete
         finally:
             socket.setdefaulttimeout(previous)
-    raise UserError(inception_missing_message(folder))
+    raise UserError(inception_missing_message(folder, flag))
 
 
 def inception_extractor(device: torch.device, download: bool = True) -> FeatureExtractor:
@@ -134,7 +134,7 @@ def check_features_available(name: str, dataset: str, flag: str = "--features") 
             raise UserError(f"No judge classifier is defined for the data set {dataset!r} (judges exist for "
                             f"{', '.join(sorted(DATASETS))}); use inception features.")
     else:
-        ensure_inception_weights(download=True)
+        ensure_inception_weights(download=True, flag=flag)
 
 
 def build_extractor(name: str, dataset: str, device: torch.device | str = "cpu") -> FeatureExtractor:
