@@ -116,7 +116,7 @@ def _run_record(run: str) -> dict:
 def evaluate(args: argparse.Namespace, acc) -> dict:
     """Compute ``args.metric``; every rank returns the same dict."""
     from genscale.metrics.evaluation import (EvalSetup, Evaluator, array_images, family_images,
-                                             intended_labels)
+                                             needs_input_images)
 
     family = labels = images = None
     record = {}
@@ -146,9 +146,9 @@ def evaluate(args: argparse.Namespace, acc) -> dict:
     desc = f"{args.metric} samples"
     opts = dict(cfg_scale=args.cfg_scale, sampler=args.sampler, sampling_steps=args.sampling_steps)
     if args.metric in ("fid", "kid"):
-        if family is not None and (info.paired or callable(getattr(family, "inpaint", None))):
-            raise UserError(f"--metric {args.metric} needs a run that samples from noise; "
-                            f"{info.name if info.paired else 'an inpainting'} run: use --metric psnr or accuracy.")
+        if family is not None and needs_input_images(family, info):
+            raise UserError(f"--metric {args.metric} needs a run that generates from noise; {family.name} "
+                            "transforms input images (use --metric psnr for inpainting runs).")
         if family is not None:
             feats = ev.features_of(family_images(family, labels, args.seed, opts), num, desc)
         elif images is not None:

@@ -16,7 +16,8 @@ import torch
 from genscale import evaluate
 from genscale.errors import UserError
 from genscale.metrics import reference as ref_mod
-from genscale.metrics.evaluation import EvalSetup, Evaluator, array_images, family_images, intended_labels
+from genscale.metrics.evaluation import (EvalSetup, Evaluator, array_images, family_images, intended_labels,
+                                         needs_input_images)
 from genscale.metrics.inpainting import biharmonic_fill, pooled_psnr
 from genscale.metrics.psnr import psnr
 from genscale.metrics.sharded import chunk_seed, rank_chunks, sharded_rows
@@ -227,10 +228,22 @@ def test_errors_are_one_line(case, cache, ddpm_run, tmp_path, capsys):
     assert evaluate.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("evaluate.py: error: "), err
-    expected = {"fid_on_inpainting": "needs a run that samples from noise", "psnr_on_ddpm": "needs an inpainting run",
+    expected = {"fid_on_inpainting": "gan-inpaint transforms input images", "psnr_on_ddpm": "needs an inpainting run",
                 "psnr_on_samples": "needs --run", "no_run": "does not exist", "unknown_judge": "'faces'",
                 "accuracy_without_labels": "intended class"}[case]
     assert expected in err[0]
+
+
+def test_fid_is_refused_only_for_families_that_need_input_images():
+    from genscale.families.base import DataInfo
+
+    info = DataInfo("digits", 1, 16, 10)
+    kinds = {"gan-inpaint": True, "inpaint": True, "pix2pix": True, "transformer": False, "ddpm": False,
+             "vae": False, "dcgan": False}
+    for model, expected in kinds.items():
+        module = __import__(f"genscale.families.{model.replace('-', '_')}", fromlist=["FAMILY"])
+        assert needs_input_images(module.FAMILY, info) is expected, model
+    assert needs_input_images(module.FAMILY, DataInfo("p", 3, 16, 0, paired=True))
 
 
 def test_samples_npz_and_family_paths_agree(cache, ddpm_run):

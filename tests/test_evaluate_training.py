@@ -107,6 +107,8 @@ def test_every_rank_gets_the_same_result_as_one_process(cache, monkeypatch):
     (dict(eval_num=1), "--eval-num must be at least 2"),
     (dict(eval_features="clip"), "--eval-features must be one of"),
     (dict(data="faces"), "No judge classifier is defined for the data set 'faces'"),
+    (dict(model="gan-inpaint"), "gan-inpaint transforms input images"),
+    (dict(model="pix2pix", eval_metric="kid"), "pix2pix transforms input images"),
 ])
 def test_bad_settings_fail_before_training_starts(change, message, cache):
     info = DataInfo("faces", 1, 16, 2) if change.get("data") == "faces" else INFO
@@ -124,5 +126,6 @@ def test_missing_inception_weights_fail_before_training_starts(cache, tmp_path, 
 
     monkeypatch.setenv("GENSCALE_INCEPTION_DIR", str(tmp_path))
     monkeypatch.setattr(dl, "check_download_inception", lambda fpath: (_ for _ in ()).throw(OSError("offline")))
-    with pytest.raises(UserError, match=f"place inception-2015-12-05.pt .* in {tmp_path}/ .* use --eval-features judge"):
+    expected = f"place inception-2015-12-05.pt .* in {tmp_path}/ .* use --eval-features judge"
+    with pytest.raises(UserError, match=expected):
         TrainingEvaluator(run_config(eval_features="inception"), INFO)

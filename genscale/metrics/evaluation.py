@@ -11,6 +11,7 @@ biharmonic baseline on the same images and masks. Every rank gets the same resul
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -49,6 +50,14 @@ def family_images(family, labels: torch.Tensor | None, seed: int, options: dict 
         return to_uint8(family.sample(stop - start, labels=lab, generator=chunk_generator(seed, k, SAMPLES), **opts))
 
     return draw
+
+
+def needs_input_images(family, info) -> bool:
+    """True for families (instances or classes) whose samples transform given images (pix2pix's
+    ``source``, inpainting families' ``image``) rather than come from noise; a family that does
+    both (the transformer generates and inpaints) can be scored by FID."""
+    params = inspect.signature(family.sample).parameters
+    return bool(info.paired) or "image" in params or "source" in params
 
 
 def noise_images(height: int, width: int, channels: int, seed: int) -> ImagesFn:

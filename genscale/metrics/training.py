@@ -22,7 +22,8 @@ import time
 import torch
 
 from genscale.errors import UserError
-from genscale.metrics.evaluation import METRICS, EvalSetup, Evaluator, family_images, intended_labels
+from genscale.metrics.evaluation import (METRICS, EvalSetup, Evaluator, family_images, intended_labels,
+                                         needs_input_images)
 
 HIGHER_IS_BETTER = {"fid": False, "kid": False, "accuracy": True, "psnr": True}
 
@@ -40,7 +41,12 @@ class TrainingEvaluator:
         if self.metric == "accuracy" and not info.num_classes:
             raise UserError("--eval-metric accuracy needs labelled data (a class-conditional run).")
         if self.metric in ("fid", "kid", "accuracy"):
+            from genscale.families import family_module
             from genscale.metrics.features import check_features_available
+
+            if needs_input_images(family_module(cfg.model).FAMILY, info):
+                raise UserError(f"--eval-metric {self.metric} needs a model that generates from noise; "
+                                f"{cfg.model} transforms input images (use --eval-metric psnr for inpainting).")
 
             check_features_available("judge" if self.metric == "accuracy" else features, info.name, "--eval-features")
         self.info = info
