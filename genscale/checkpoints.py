@@ -70,6 +70,19 @@ def publish(tmp: Path, final: Path) -> None:
         os.close(fd)
 
 
+def keep_as_best(out: str | Path, step: int) -> None:
+    """Copy checkpoint ``step`` to checkpoints/best (atomically: copy, then rename over the old)."""
+    root = checkpoint_root(out)
+    tmp, best = root / ".tmp-best", root / "best"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(final_name(root, step), tmp)
+    old = root / ".old-best"
+    if best.exists():
+        os.rename(best, old)
+    os.rename(tmp, best)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def prune(out: str | Path, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints and any leftover temporaries."""
     found = list_checkpoints(out)
@@ -82,7 +95,7 @@ def clean_temporaries(out: str | Path) -> None:
     root = checkpoint_root(out)
     if root.is_dir():
         for child in root.iterdir():
-            if child.name.startswith(TMP_PREFIX):
+            if child.name.startswith(TMP_PREFIX) or child.name in (".tmp-best", ".old-best"):
                 shutil.rmtree(child, ignore_errors=True)
 
 

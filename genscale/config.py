@@ -46,6 +46,11 @@ class TrainConfig:
     flip: bool = False  # random horizontal flips (off by default: they change digits)
     log_with: str = ""  # "", "tensorboard" or "wandb"
     cache_dir: str = ""  # embedded datasets and judges; default $GENSCALE_CACHE or ~/.cache/genscale
+    eval_every: int = 0  # evaluate every N optimizer steps on all ranks (0 = never)
+    eval_metric: str = "fid"  # fid | kid | accuracy | psnr (psnr: inpainting runs)
+    eval_num: int = 1000  # samples per evaluation, all ranks together
+    eval_features: str = "judge"  # judge (offline, digits) | inception (clean-fid's weights)
+    keep_best: bool = False  # also keep the checkpoint with the best --eval-metric score
 
 
 COMMON_HELP = {
@@ -59,6 +64,11 @@ COMMON_HELP = {
     "sample_every": "write a sample grid every N steps (0 = never)",
     "log_with": "also log to an accelerate tracker: tensorboard or wandb",
     "batches_per_epoch": "batches each process reads per data epoch",
+    "eval_every": "evaluate every N steps on all ranks (0 = never); see --eval-metric, --eval-num",
+    "eval_metric": "fid, kid, accuracy or psnr (inpainting runs)",
+    "eval_num": "samples per evaluation, all ranks together",
+    "eval_features": "judge (offline) or inception (clean-fid's weights)",
+    "keep_best": "also keep the checkpoint with the best evaluation score in checkpoints/best",
 }
 
 
@@ -217,7 +227,7 @@ def validate(cfg: TrainConfig) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise UserError(f"{_flag(name)} must be a positive number, got {getattr(cfg, name)}")
-    for name in ["sample_every", "warmup_steps", "num_workers", "grad_clip", "weight_decay", "shuffle_buffer"]:
+    for name in ["eval_every", "sample_every", "warmup_steps", "num_workers", "grad_clip", "weight_decay", "shuffle_buffer"]:
         if getattr(cfg, name) < 0:
             raise UserError(f"{_flag(name)} must not be negative, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.ema_decay < 1.0:

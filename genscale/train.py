@@ -98,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     acc = make_accelerator(cfg.grad_accum, out, cfg.log_with)
     stream = batch_stream(cfg, shards, info, acc.process_index, acc.num_processes)
-    trainer = Trainer(run, family, stream, acc, grid_labels(info))
+    evaluator = None
+    if cfg.eval_every > 0:
+        from genscale.metrics.training import TrainingEvaluator
+
+        evaluator = TrainingEvaluator(run, info, acc)
+    trainer = Trainer(run, family, stream, acc, grid_labels(info), evaluator)
     if acc.is_main_process:
         record = run.to_dict()
         record.update({

@@ -34,16 +34,24 @@ BatchStream = Callable[[int], Iterator[Batch]]  # optimizer step to start at -> 
 
 
 class Progress:
-    """The step counter, checkpointed through Accelerate's custom-object registry."""
+    """The step counter (and the evaluator's best score), checkpointed through Accelerate's
+    custom-object registry. The evaluator rides along here rather than being registered itself,
+    so a run resumed with --eval-every newly turned on still loads its checkpoints."""
 
-    def __init__(self) -> None:
+    def __init__(self, evaluator=None) -> None:
         self.step = 0
+        self.evaluator = evaluator
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        state = {"step": self.step}
+        if self.evaluator is not None:
+            state["eval"] = self.evaluator.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        if self.evaluator is not None and "eval" in state:
+            self.evaluator.load_state_dict(state["eval"])
 
 
 def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
@@ -69,7 +77,7 @@ def _local_world() -> int:
 
 class Trainer:
     def __init__(self, run: RunConfig, family: Family, batches: BatchStream, accelerator: Accelerator,
-                 grid_labels: torch.Tensor | None = None):
+                 grid_labels: torch.Tensor | None = None, evaluator=None):
         self.run = run
         self.cfg = run.train
         self.family = family
@@ -77,7 +85,8 @@ class Trainer:
         self.acc = accelerator
         self.out = Path(self.cfg.out)
         self.grid_labels = grid_labels
-        self.progress = Progress()
+        self.evaluator = evaluator  # called as evaluator(family, step) -> dict on every rank
+        self.progress = Progress(evaluator)
         self.stop = StopRequest()
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
 
@@ -200,8 +209,11 @@ class Trainer:
                 sums, count, t_last = {}, 0, now
             if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
                 self.write_grid(done)
-            if done % cfg.ckpt_every == 0 or done == cfg.steps or stop_now:
+            best = self.evaluate(done) if self._eval_due(done) else False
+            if done % cfg.ckpt_every == 0 or done == cfg.steps or stop_now or best:
                 self.save()
+            if best and acc.is_main_process:
+                ckpt.keep_as_best(self.out, done)
             if stop_now:
                 bar.close()
                 acc.print(f"received {self.stop.received or 'a stop request on another rank'}: "
@@ -213,6 +225,22 @@ class Trainer:
             acc.print(f"finished {cfg.steps} steps; weights, grids and metrics are in {self.out}")
         acc.end_training()
         return 0
+
+    def _eval_due(self, done: int) -> bool:
+        every = self.cfg.eval_every
+        return self.evaluator is not None and every > 0 and (done % every == 0 or done == self.cfg.steps)
+
+    def evaluate(self, step: int) -> bool:
+        """Run the evaluator on every rank with the EMA networks; True when a best checkpoint is due."""
+        with self.family.using(self.ema.nets):
+            result = self.evaluator(self.family, step)
+        if self.acc.is_main_process:
+            self.metrics.write({"step": step, "kind": "eval", **result})
+            summary = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if k not in ("is_best", "eval_num"))
+            tqdm.write(f"step {step}: {summary} ({int(result.get('eval_num', 0))} samples)")
+        if self.cfg.log_with:
+            self.acc.log({f"eval/{k}": v for k, v in result.items()}, step=step)
+        return bool(self.cfg.keep_best and result.get("is_best"))
 
     def _agree(self, stop: bool, bad: bool) -> tuple[bool, bool]:
         """Every rank learns whether any rank was signalled or saw a non-finite loss."""

@@ -109,3 +109,17 @@ def test_two_process_launch_is_one_job(cache, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["num_machines"] == 1
+
+
+def test_eval_every_logs_scores_and_keeps_best(cache, tmp_path):
+    out = tmp_path / "eval"
+    proc = train(out, cache, "--steps", "12", "--eval-every", "6", "--eval-metric", "accuracy", "--eval-num", "20",
+                 "--keep-best")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["eval_num"] == 20 and r["accuracy_floor"] > 0.9 for r in evals)
+    best = max(evals, key=lambda r: (r["accuracy"], -r["step"]))
+    meta = json.loads((out / "checkpoints" / "best" / "meta.json").read_text())
+    assert meta["step"] == best["step"]
