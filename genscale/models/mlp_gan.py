@@ -36,12 +36,18 @@ class MLPGenerator(nn.Module):
 
 
 class MLPDiscriminator(nn.Module):
-    def __init__(self, in_shape: tuple[int, int, int], hidden: tuple[int, ...] = (512, 256)):
+    """``dropout`` after each hidden layer, as in the original GAN's discriminator: it keeps the
+    discriminator from memorising the data and overpowering the generator, which then drops modes."""
+
+    def __init__(self, in_shape: tuple[int, int, int], hidden: tuple[int, ...] = (512, 256),
+                 dropout: float = 0.0):
         super().__init__()
         layers: list[nn.Module] = []
         width = math.prod(in_shape)
         for h in hidden:
             layers += [nn.Linear(width, h), nn.LeakyReLU(0.2)]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
             width = h
         layers.append(nn.Linear(width, 1))
         self.net = nn.Sequential(*layers)
