@@ -61,7 +61,7 @@ OPTION_HELP = {
 
 # The digits at their native 8x8 (upsampling them adds pixels, not information) on a 2-core CPU
 # in under ten minutes; pass a larger --image-size with wider --channel-mults for real data.
-PRESET = {"data": "digits", "image_size": 8, "steps": 3000, "batch_size": 64, "lr": 1e-3,
+PRESET = {"data": "digits", "image_size": 8, "steps": 2000, "batch_size": 64, "lr": 1e-3,
           "warmup_steps": 200, "ema_decay": 0.999, "ckpt_every": 500, "sample_every": 1000}
 
 
