@@ -86,8 +86,9 @@ class GanMonitor:
     def _message(self, key: str, s: dict[str, float]) -> str:
         if key == "wins":
             return (f"warning: the discriminator wins outright (mean D(x) = {s['d_real']:.3f}, "
-                    f"mean D(G(z)) = {s['d_fake']:.3f} over the last {self.patience}+ steps); the generator "
-                    "is not learning - try a lower discriminator learning rate or a smaller discriminator.")
+                    f"mean D(G(z)) = {s['d_fake']:.3f} over the last {self.patience}+ steps); its verdicts no longer "
+                    "guide the generator - try a lower discriminator learning rate (--d-lr) or a smaller "
+                    "discriminator.")
         return (f"warning: the samples look collapsed (their diversity across a batch is "
                 f"{s['diversity']:.2f} of the real images'); the generator is producing nearly the same image "
                 "for every input.")
