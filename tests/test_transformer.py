@@ -108,18 +108,25 @@ def test_masked_content_never_reaches_the_network():
     assert not torch.equal(net(torch.where(pixel_masked, x, torch.randn_like(x)), masked, y), out)
 
 
-def test_training_step_loss_is_the_masked_patch_mse_of_the_network():
-    fam = build(patch_size=2, mask_schedule="fixed", mask_ratio=0.5)
+@pytest.mark.parametrize("inpaint_masks", [0.0, 1.0])
+def test_training_step_loss_is_the_masked_patch_mse_of_the_network(inpaint_masks):
+    options = dict(patch_size=2, mask_schedule="fixed", mask_ratio=0.5, inpaint_masks=inpaint_masks)
+    fam = build(**options)
     b = batch()
     torch.manual_seed(7)
     losses = []
     fam.training_step(b, plain_optimize(fam, losses))
-    fam2 = build(patch_size=2, mask_schedule="fixed", mask_ratio=0.5)  # the same initial weights
-    torch.manual_seed(7)  # replay the family's draws: mask, then label drops
+    fam2 = build(**options)  # the same initial weights
+    torch.manual_seed(7)  # replay the family's draws: random patches, inpainting holes, label drops
     masked = random_token_mask(mask_counts(8, 16, "fixed", 0.5), 16)
+    if inpaint_masks:
+        assert (torch.rand(8) < 1.0).all()
+        masked = patch_mask(random_masks("mixed", 8, (8, 8)), 2)
+        assert 0 < masked.sum() < masked.numel()
+    else:
+        assert masked.sum(1).tolist() == [8] * 8
     drop = torch.rand(8) < fam.opts.cond_drop
     labels = torch.where(drop, 10, b["label"])
-    assert masked.sum(1).tolist() == [8] * 8
     with torch.no_grad():
         pred = fam2.nets["transformer"](b["image"], masked, labels)
     want = ((pred - patchify(b["image"], 2)) ** 2)[masked].mean()

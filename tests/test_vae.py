@@ -123,10 +123,14 @@ def test_negative_elbo_of_a_constant_decoder_is_closed_form():
     last = vae.decoder[-1]
     torch.nn.init.zeros_(last.weight)
     with torch.no_grad():
-        last.bias.copy_(torch.tensor([0.2, -1.5]))  # mean 0.2, log-scale -1.5
+        last.bias.copy_(torch.tensor([0.2, -1.5]))  # mean 0.2, log-scale about -1.5
+    with torch.no_grad():
+        x_mean, log_scale = vae.decode(torch.randn(3, *vae.latent_shape))
+    assert (x_mean == 0.2).all() and (log_scale == log_scale.flatten()[0]).all()  # constant in z
+    scale = math.exp(float(log_scale.flatten()[0]))
     g = torch.Generator().manual_seed(1)
     x = (torch.randint(0, 256, (6, 1, 8, 8), generator=g).double() / 127.5 - 1).float()
-    rec = sum(-math.log(bin_probability(float(v), 0.2, math.exp(-1.5))) for v in x.double().flatten()) / 6
+    rec = sum(-math.log(bin_probability(float(v), 0.2, scale)) for v in x.double().flatten()) / 6
     with torch.no_grad():
         mean, logvar = vae.encode(x)
     m, lv = mean.double(), logvar.double()
@@ -194,3 +198,15 @@ def test_test_elbo_reads_the_held_out_split(tmp_path):
     assert result["split"] == "test" and 300 < result["num"] < 400  # a fifth of the 1,797 digits
     assert result["nelbo_nats"] > 0 and result["bits_per_dim"] == pytest.approx(
         result["nelbo_nats"] / (64 * math.log(2)))
+
+
+def test_posterior_log_variance_has_a_smooth_ceiling():
+    vae = ConvVAE(1, 8, downsample=8, z_channels=4, width=8)
+    with torch.no_grad():
+        vae.encoder[-1].weight.zero_()
+        vae.encoder[-1].bias[4:].fill_(12.0)  # raw log-variances far above any sensible value (e^12)
+    x = (torch.rand(2, 1, 8, 8) * 2 - 1).requires_grad_(False)
+    _, logvar = vae.encode(x)
+    assert (logvar < 2.0).all() and (logvar > 1.999).all()
+    logvar.sum().backward()
+    assert vae.encoder[-1].bias.grad[4:].abs().min() > 0  # still a gradient to bring it back

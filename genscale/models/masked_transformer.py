@@ -9,6 +9,8 @@ linear head predicts every patch's pixels.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -50,8 +52,10 @@ class MaskedTransformer(nn.Module):
         patch_dim = channels * patch_size ** 2
         self.embed = nn.Linear(patch_dim, dim)
         self.mask_token = nn.Parameter(torch.randn(dim) * 0.02)
-        self.row_embed = nn.Parameter(torch.randn(self.side, dim) * 0.02)
-        self.col_embed = nn.Parameter(torch.randn(self.side, dim) * 0.02)
+        # Unit-variance positions, as strong as the pixel embeddings: with BERT's 0.02 the
+        # tokens of pixel-sized patches barely know where they are and training stalls.
+        self.row_embed = nn.Parameter(torch.randn(self.side, dim) / math.sqrt(2))
+        self.col_embed = nn.Parameter(torch.randn(self.side, dim) / math.sqrt(2))
         self.label_embed = nn.Embedding(num_classes + 1, dim) if num_classes > 0 else None
         layer = nn.TransformerEncoderLayer(dim, heads, dim * mlp_ratio, dropout, activation="gelu",
                                            batch_first=True, norm_first=True)

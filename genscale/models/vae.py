@@ -14,10 +14,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 LEVELS = 256  # 8-bit images: x = k / 127.5 - 1 for k = 0..255
 MIN_LOG_SCALE = -7.0  # keeps the bin probabilities finite in float32
+MAX_LOGVAR = 2.0  # posterior log-variances saturate smoothly below this
 
 
 def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -100,11 +102,14 @@ class ConvVAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, logvar = self.encoder(x).chunk(2, dim=1)
-        return mean, logvar.clamp(-30.0, 20.0)
+        # A smooth ceiling: one outlier batch pushing a posterior variance to e^15 feeds the
+        # decoder enormous z and the loss overflows; a posterior wider than e^MAX_LOGVAR is of
+        # no use anyway (the KL pulls it back to 1), and the gradient never vanishes.
+        return mean, MAX_LOGVAR - F.softplus(MAX_LOGVAR - logvar)
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_scale = self.decoder(z).chunk(2, dim=1)
-        return mean, log_scale.clamp(min=MIN_LOG_SCALE)
+        return mean, MIN_LOG_SCALE + F.softplus(log_scale - MIN_LOG_SCALE)  # a smooth floor
 
     @staticmethod
     def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
