@@ -108,8 +108,11 @@ class Trainer:
         opt = self.family.optimizers[name]
         self.acc.backward(loss)
         if self.acc.sync_gradients and self.cfg.grad_clip > 0:
-            params = [p for g in opt.param_groups for p in g["params"]]
-            self.acc.clip_grad_norm_(params, self.cfg.grad_clip)
+            # Unscale (fp16) this optimizer only: accelerator.clip_grad_norm_ would unscale every
+            # optimizer, corrupting a second optimizer's half-accumulated gradients (GANs).
+            self.acc.unscale_gradients(optimizer=opt)
+            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -175,7 +178,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=start, disable=not acc.is_main_process, dynamic_ncols=True,
                    desc=self.family.name or "train")
         sums: dict[str, float] = {}
-        count, skipped = 0, 0
+        count, skipped, warning = 0, 0, ""
         t_last = time.perf_counter()
         while self.progress.step < cfg.steps:
             step = self.progress.step
@@ -191,6 +194,8 @@ class Trainer:
                 for k, v in logs.items():
                     if isinstance(v, (int, float)):
                         sums[k] = sums.get(k, 0.0) + float(v)
+                    elif k == "warning" and v:
+                        warning = str(v)  # e.g. a GAN's "discriminator wins outright"
                 count += 1
             self.ema.update({n: acc.unwrap_model(self.family.nets[n]) for n in self.ema.nets})
             self.progress.step = step + 1
@@ -206,6 +211,10 @@ class Trainer:
             if done % cfg.log_every == 0 or done == cfg.steps:
                 now = time.perf_counter()
                 self._log(done, sums, count, skipped, lr, cfg.log_every / max(now - t_last, 1e-9))
+                if warning and acc.is_main_process:
+                    tqdm.write(f"warning at step {done}: {warning}")
+                    self.metrics.write({"step": done, "kind": "warning", "message": warning})
+                warning = ""
                 sums, count, t_last = {}, 0, now
             if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
                 self.write_grid(done)
@@ -274,9 +283,12 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.cfg.seed)
         rng_state = torch.get_rng_state()
         with self.family.using(self.ema.nets):
-            images = self.family.sample(n, labels=None if labels is None else labels.to(self.acc.device),
-                                        generator=gen)
+            if hasattr(self.family, "grid"):  # families that show inputs beside outputs (pix2pix)
+                images, nrow = self.family.grid(gen)
+            else:
+                images = self.family.sample(n, labels=None if labels is None else labels.to(self.acc.device),
+                                            generator=gen)
+                nrow = int(labels.bincount().max().item()) if labels is not None else 8
         torch.set_rng_state(rng_state)
-        nrow = int(labels.bincount().max().item()) if labels is not None else 8
         (self.out / "samples").mkdir(parents=True, exist_ok=True)
         save_grid(self.out / "samples" / f"step-{step:08d}.png", images, nrow=nrow)

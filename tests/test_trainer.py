@@ -137,3 +137,24 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     half.mkdir()  # a folder without meta.json, as a crash mid-write of an older layout might leave
     (tmp_path / "checkpoints" / ".tmp-step-00000012").mkdir()
     assert ckpt.latest_checkpoint(tmp_path).name == "step-00000004"
+
+
+def test_family_grid_and_warning_reach_the_run_folder(tmp_path, capsys):
+    def add_grid_and_warning(family):
+        original = family.training_step
+        family.grid = lambda generator: (torch.zeros(6, 1, 2, 2), 3)
+
+        def step(batch, optimize):
+            return {**original(batch, optimize), "warning": "discriminator wins outright"}
+
+        family.training_step = step
+
+    train_toy(tmp_path, family_hook=add_grid_and_warning, steps=4, sample_every=4)
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "samples" / "step-00000004.png")
+    assert grid.size[0] > grid.size[1]  # 3 per row, 2 rows
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "warning"] == [2, 4]
+    captured = capsys.readouterr()
+    assert "warning at step 2: discriminator wins outright" in captured.out + captured.err

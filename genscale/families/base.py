@@ -54,6 +54,10 @@ class Family:
         """Return ``n`` images in [-1, 1], NCHW, on the family's device."""
         raise NotImplementedError
 
+    # Optional: ``grid(generator) -> (images, images_per_row)`` replaces the periodic sample grid
+    # (e.g. input | output | target rows), and a "warning" string in training_step's dict is
+    # printed and logged at the next logging step.
+
     @contextmanager
     def using(self, nets: dict[str, nn.Module]) -> Iterator[None]:
         """Temporarily swap networks (the trainer samples grids with the EMA copies)."""
