@@ -6,7 +6,8 @@ its EMA weights are loaded and frozen. Latents are posterior samples scaled to u
 ``latent_scale`` = 1 / std over the latents of (up to) ``scale_samples`` training images,
 computed once when the run starts and kept as a buffer in the checkpoints. The diffusion is the
 ``ddpm`` family's (same options: schedule, prediction, class-conditional U-Net with classifier-
-free guidance), without clipping x0 (latents are not bounded by 1); samples are decoded.
+free guidance), without clipping x0 (latents are not bounded by 1) and predicting v by default;
+samples are decoded.
 
 The autoencoder's architecture is recorded in this run's config.json (``autoencoder_config``)
 and its weights in this run's checkpoints, so sampling needs only this run's folder.
@@ -36,6 +37,10 @@ class Options(ddpm.Options):
     autoencoder: str = ""  # folder of a finished vae run
     autoencoder_config: str = ""  # filled in by the run: the autoencoder's architecture (JSON)
     scale_samples: int = 2000  # training images whose latents set the scale factor
+    # v, not eps: without x0 clipping (latents are unbounded) DDIM's first steps divide eps
+    # errors by sqrt(abar_T) ~ 0 and the x0 estimates explode; v stays well-posed at t ~ T.
+    # On the digits' KL autoencoder: judge accuracy 0.82 with eps, 1.0 with v (same budget).
+    prediction: str = "v"
     base_width: int = 64
     channel_mults: tuple[int, ...] = (1,)
     attention_res: tuple[int, ...] = (2,)
@@ -55,7 +60,7 @@ OPTION_HELP = {**ddpm.OPTION_HELP,
                "scale_samples": "training images whose latents' std sets the latent scale factor"}
 
 # A 16-d latent (a flat VAE latent folded to 4 x 2 x 2) is far cheaper than 8x8 pixels.
-PRESET = {"data": "digits", "image_size": 8, "steps": 4000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 200,
+PRESET = {"data": "digits", "image_size": 8, "steps": 3000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 200,
           "ema_decay": 0.999, "ckpt_every": 1000, "sample_every": 1000}
 
 
