@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from genscale.diffusion.guidance import cfg_combine, drop_labels, guided_prediction
+from genscale.diffusion.guidance import cfg_combine, drop_labels, guided_halves, guided_prediction
 from genscale.diffusion.samplers import (ddim_sample, ddim_step, ddpm_sample, ddpm_step, randn,
                                          strided_timesteps)
 from genscale.diffusion.schedule import NoiseSchedule
@@ -67,6 +67,28 @@ def test_guided_prediction_runs_one_batched_call_with_the_null_label():
     torch.testing.assert_close(guided_prediction(model_fn, x, t, labels, 10, 1.0), labels.float()[:, None].expand(3, 2))
     guided_prediction(model_fn, x, t, None, 10, 4.0)
     assert calls == [(3, [0, 1, 2]), (3, None)]
+
+
+def test_guided_halves_returns_unconditional_first_from_one_batched_call():
+    calls = []
+
+    def model_fn(x, t, labels):
+        calls.append(None if labels is None else labels.tolist())
+        return x * 0 + (labels.float().reshape(-1, 1) if labels is not None else -1.0)
+
+    x, t, labels = torch.zeros(3, 2), torch.tensor([5, 5, 5]), torch.tensor([0, 1, 2])
+    u, c = guided_halves(model_fn, x, t, labels, num_classes=10, cfg_scale=2.0)
+    assert calls == [[0, 1, 2, 10, 10, 10]]
+    assert torch.equal(u, torch.full((3, 2), 10.0)) and torch.equal(c, labels.float()[:, None].expand(3, 2))
+    calls.clear()
+    for scale, expected in ((1.0, labels.float()[:, None].expand(3, 2)), (0.0, torch.full((3, 2), 10.0))):
+        u, c = guided_halves(model_fn, x, t, labels, 10, scale)
+        assert c is None and torch.equal(u, expected)
+    u, c = guided_halves(model_fn, x, t, None, 10, 4.0)
+    assert c is None and torch.equal(u, torch.full((3, 2), -1.0))
+    assert calls == [[0, 1, 2], [10, 10, 10], None]
+    with pytest.raises(ValueError, match="num_classes"):
+        guided_halves(model_fn, x, t, labels, 0, 2.0)
 
 
 def test_drop_labels():

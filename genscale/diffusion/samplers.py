@@ -1,23 +1,33 @@
 """Reverse-process samplers: DDPM ancestral sampling and DDIM, with classifier-free guidance.
 
-The per-step math lives in ``ddpm_step`` and ``ddim_step``: plain tensor-in, tensor-out
-functions of (x_t, eps_hat, noise, abar_t, abar_next) so that fused kernels can replace them
-one for one. The loops only pick timesteps, call the model and draw noise.
+The sampling loops (``ddpm_sample``, ``ddim_sample``) run each step as ONE fused kernel call,
+``kernels.ddpm_step`` / ``kernels.ddim_step`` (Triton on CUDA, their eager reference elsewhere):
+the guidance combine eps_u + s (eps_c - eps_u) happens inside the kernel, which reads both
+halves once, and the step noise is drawn inside it from Philox at (seed, offset). The loops only
+pick timesteps, call the model and turn v predictions into eps (v -> eps is affine in v, so
+converting both halves before the combine is exact).
 
-Noise is drawn from the given ``torch.Generator`` on the generator's device (the CPU by
-default) and then moved, so one seed gives the same noise on any device.
+Randomness: x_T is drawn from the given ``torch.Generator`` where it lives (the CPU by default)
+and moved; then ONE seed is drawn from the same generator (``draw_seed``), and step i of the loop
+draws its noise at (seed, offset=i). Philox offsets are independent streams (kernels/_philox.py),
+so no two steps share draws, and one generator seed gives the same samples on any device up to
+fp32 rounding.
+
+``ddpm_step`` and ``ddim_step`` below are the same steps with explicit noise (plain tensor-in,
+tensor-out functions of (x_t, eps_hat, noise, abar_t, abar_next)), for callers that need to
+choose the noise themselves (RePaint, SDEdit) and as the tests' reference.
 """
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from genscale.diffusion.guidance import ModelFn, guided_prediction
+import kernels
+from genscale.diffusion.guidance import ModelFn, guided_halves
 from genscale.diffusion.schedule import NoiseSchedule
 
 PREDICTIONS = ("eps", "v")
+SEED_BOUND = 2**62  # seeds lie in [0, 2**62): positive in int64 and inside Philox's [0, 2**63)
 
 
 def randn(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None = None,
@@ -25,6 +35,12 @@ def randn(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None
     """Standard normal noise drawn where ``generator`` lives (CPU when None), then moved to ``device``."""
     where = generator.device if generator is not None else torch.device("cpu")
     return torch.randn(tuple(shape), generator=generator, device=where, dtype=dtype).to(device)
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """One Philox seed for a sampling run, drawn from ``generator`` (torch's default CPU RNG when None)."""
+    where = generator.device if generator is not None else torch.device("cpu")
+    return int(torch.randint(0, SEED_BOUND, (), generator=generator, device=where).item())
 
 
 def strided_timesteps(timesteps: int, steps: int) -> list[int]:
@@ -105,30 +121,37 @@ def eps_from_prediction(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Ten
     raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
 
 
-StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
+def _check(prediction: str, eta: float = 0.0) -> None:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
 
 
 def _reverse_process(model_fn: ModelFn, shape: tuple[int, ...], schedule: NoiseSchedule,
-                     timesteps: list[int], step: StepFn, *, labels: torch.Tensor | None,
-                     num_classes: int, cfg_scale: float, prediction: str, generator: torch.Generator | None,
-                     device: torch.device | str, x_T: torch.Tensor | None, progress: bool,
-                     desc: str) -> torch.Tensor:
-    """Shared loop: step(x, eps_hat, abar_t, abar_next, last) -> x at the next timestep."""
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+                     timesteps: list[int], sampler: str, *, eta: float, clip_x0: bool,
+                     labels: torch.Tensor | None, num_classes: int, cfg_scale: float, prediction: str,
+                     generator: torch.Generator | None, device: torch.device | str,
+                     x_T: torch.Tensor | None, progress: bool) -> torch.Tensor:
+    """The shared loop: step i goes timesteps[i] -> timesteps[i + 1] (-1 after the last, abar = 1)
+    through one fused kernel call, its noise drawn at (seed, offset = i)."""
     device = torch.device(device)
     x = randn(shape, generator, device) if x_T is None else x_T.to(device, torch.float32)
+    seed = draw_seed(generator)  # after x_T, so x_T (and eta = 0 DDIM) match the pre-kernel loops
     if labels is not None:
         labels = labels.to(device)
-    abar = schedule.alphas_cumprod  # float64 on the CPU; 0-d slices broadcast onto any device
-    one = torch.ones((), dtype=torch.float64)
-    for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
-        last = i + 1 == len(timesteps)
-        abar_next = one if last else abar[timesteps[i + 1]]
+    abar = schedule.alphas_cumprod.to(device)  # float64, moved once rather than per step
+    for i, t in enumerate(tqdm(timesteps, desc=sampler.upper(), disable=not progress, leave=False)):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
-        pred = guided_prediction(model_fn, x, t_batch, labels, num_classes, cfg_scale).to(x.dtype)
-        eps_hat = eps_from_prediction(schedule, x, t_batch, pred, prediction)
-        x = step(x, eps_hat, abar[t], abar_next, last)
+        pred_u, pred_c = guided_halves(model_fn, x, t_batch, labels, num_classes, cfg_scale)
+        eps = eps_from_prediction(schedule, x, t_batch, pred_u.to(x.dtype), prediction)
+        eps_c = None if pred_c is None else eps_from_prediction(schedule, x, t_batch, pred_c.to(x.dtype), prediction)
+        common = dict(eps_cond=eps_c, guidance_scale=cfg_scale, clip_x0=clip_x0, seed=seed, offset=i)
+        if sampler == "ddpm":
+            x = kernels.ddpm_step(x, eps, t_batch, abar, t_prev=t_prev, **common)
+        else:
+            x = kernels.ddim_step(x, eps, t_batch, t_prev, abar, eta=eta, **common)
     return x
 
 
@@ -143,15 +166,11 @@ def ddpm_sample(model_fn: ModelFn, shape: tuple[int, ...], schedule: NoiseSchedu
     ``steps`` None runs all T steps (DDPM); fewer runs the respaced process on
     ``strided_timesteps(T, steps)``. Returns float32 samples of ``shape`` on ``device``.
     """
+    _check(prediction)
     timesteps = strided_timesteps(schedule.timesteps, steps or schedule.timesteps)
-
-    def step(x, eps_hat, abar_t, abar_next, last):
-        noise = None if last else randn(x.shape, generator, x.device, x.dtype)
-        return ddpm_step(x, eps_hat, noise, abar_t, abar_next, clip_x0)
-
-    return _reverse_process(model_fn, tuple(shape), schedule, timesteps, step, labels=labels,
-                            num_classes=num_classes, cfg_scale=cfg_scale, prediction=prediction,
-                            generator=generator, device=device, x_T=x_T, progress=progress, desc="DDPM")
+    return _reverse_process(model_fn, tuple(shape), schedule, timesteps, "ddpm", eta=1.0, clip_x0=clip_x0,
+                            labels=labels, num_classes=num_classes, cfg_scale=cfg_scale, prediction=prediction,
+                            generator=generator, device=device, x_T=x_T, progress=progress)
 
 
 @torch.no_grad()
@@ -162,12 +181,8 @@ def ddim_sample(model_fn: ModelFn, shape: tuple[int, ...], schedule: NoiseSchedu
                 device: torch.device | str = "cpu", progress: bool = False,
                 x_T: torch.Tensor | None = None) -> torch.Tensor:
     """DDIM (Song et al.) on ``strided_timesteps(T, steps)``; eta = 0 is deterministic given x_T."""
+    _check(prediction, eta)
     timesteps = strided_timesteps(schedule.timesteps, steps)
-
-    def step(x, eps_hat, abar_t, abar_next, last):
-        noise = None if eta == 0.0 or last else randn(x.shape, generator, x.device, x.dtype)
-        return ddim_step(x, eps_hat, noise, abar_t, abar_next, eta, clip_x0)
-
-    return _reverse_process(model_fn, tuple(shape), schedule, timesteps, step, labels=labels,
-                            num_classes=num_classes, cfg_scale=cfg_scale, prediction=prediction,
-                            generator=generator, device=device, x_T=x_T, progress=progress, desc="DDIM")
+    return _reverse_process(model_fn, tuple(shape), schedule, timesteps, "ddim", eta=float(eta), clip_x0=clip_x0,
+                            labels=labels, num_classes=num_classes, cfg_scale=cfg_scale, prediction=prediction,
+                            generator=generator, device=device, x_T=x_T, progress=progress)
