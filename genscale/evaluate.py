@@ -1,6 +1,10 @@
-"""Evaluate a run or a set of samples: FID/KID (clean-fid), judge accuracy, inpainting PSNR.
+"""Evaluate a run or a set of samples: FID/KID (clean-fid), judge accuracy and class coverage,
+inpainting PSNR, a VAE's negative ELBO.
 
     python genscale/evaluate.py --run runs/ddpm --metric fid --num 1000
+    python genscale/evaluate.py --run runs/vae --metric classes --num 200
+    python genscale/evaluate.py --run runs/vae --metric nelbo
+    python genscale/evaluate.py --run runs/inpaint --metric psnr --mask centre
     accelerate launch genscale/evaluate.py --run runs/ddpm --metric kid --features inception
     python genscale/evaluate.py --samples samples.npz --metric accuracy
     python genscale/evaluate.py --samples FOLDER --reference FOLDER --metric fid
@@ -166,6 +170,16 @@ def evaluate(args: argparse.Namespace, acc) -> dict:
             raise UserError("The accuracy metric needs the intended class of every sample (arr_1).")
         source = family_images(family, labels, args.seed, opts) if family is not None else array_images(images)
         result = ev.accuracy(source, np.asarray(labels), desc)
+    elif args.metric == "classes":
+        if family is not None and needs_input_images(family, info):
+            raise UserError(f"--metric classes needs a run that generates from noise; {family.name} "
+                            "transforms input images.")
+        source = family_images(family, labels, args.seed, opts) if family is not None else array_images(images)
+        result = ev.classes(source, num, desc)
+    elif args.metric == "nelbo":
+        if family is None or not hasattr(family, "test_elbo"):
+            raise UserError("--metric nelbo needs --run with a vae run (one that has an evidence lower bound).")
+        result = {k: v for k, v in family.test_elbo(args.reference_split, args.seed).items()}
     else:
         if family is None:
             raise UserError("--metric psnr needs --run (an inpainting run), not --samples.")
@@ -209,6 +223,21 @@ def describe(result: dict) -> list[str]:
             f"predicted-class histogram: {hist}",
             f"per-class accuracy: {per_class}",
         ]
+    if metric == "classes":
+        hist = " ".join(f"{c}:{n}" for c, n in enumerate(result["histogram"]))
+        real = " ".join(f"{c}:{n}" for c, n in enumerate(result["floor_histogram"]))
+        return [
+            f"classes present: {result['classes_present']} of {result['num_classes']} ({result['num']} samples; "
+            f"rarest class {100 * result['rarest_share']:.1f}%)",
+            f"judge-predicted histogram: {hist}",
+            f"real images ({result['floor_num']} of {result['floor_source']}): {real}",
+        ]
+    if metric == "nelbo":
+        return [
+            f"negative ELBO: {result['nelbo_nats']:.3f} nats per image, {result['bits_per_dim']:.4f} bits/dim "
+            f"({result['num']} images of the {result['split']} split; reconstruction {result['rec_nats']:.3f} "
+            f"+ KL {result['kl_nats']:.3f} nats, {result['elbo_samples']} z samples per image)",
+        ]
     return [
         f"hole PSNR: {result['psnr']:.3f} dB ({result['num']} images of {result['reference']}, "
         f"{result['mask']} masks, {100 * result['hole_fraction']:.1f}% holes)",
@@ -236,7 +265,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sampling-steps", type=int, default=None, help="sampler steps (--run only)")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
                         help="samples per seeded chunk (part of what the samples are a function of)")
-    parser.add_argument("--mask", default=None, help="psnr: mask kind (box, stroke, pixel, mixed); default the run's")
+    parser.add_argument("--mask", default=None, help="psnr: mask kind (box, stroke, pixel, mixed, centre); default the run's")
     parser.add_argument("--dataset", default=None, help="the data set whose judge to use (default: the reference's)")
     parser.add_argument("--recompute-reference", action="store_true", help="ignore cached reference features")
     parser.add_argument("--min-accuracy", type=float, default=None, help="exit 1 if the accuracy is below this")

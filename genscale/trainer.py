@@ -230,6 +230,7 @@ class Trainer:
                 return 0
         bar.close()
         if acc.is_main_process:
+            self.write_final_metrics()
             plot_losses(self.metrics.read(), self.out / "loss_curve.png")
             acc.print(f"finished {cfg.steps} steps; weights, grids and metrics are in {self.out}")
         acc.end_training()
@@ -273,6 +274,18 @@ class Trainer:
             self.metrics.write(record)
         if self.cfg.log_with:
             self.acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+
+    def write_final_metrics(self) -> None:
+        """The family's end-of-training measurement (``final_metrics``), with the EMA networks."""
+        if not hasattr(self.family, "final_metrics"):
+            return
+        rng_state = torch.get_rng_state()
+        with self.family.using(self.ema.nets):
+            values = self.family.final_metrics()
+        torch.set_rng_state(rng_state)
+        self.metrics.write({"step": self.progress.step, "kind": "final", **values})
+        self.acc.print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in values.items()))
 
     def write_grid(self, step: int) -> None:
         """Sample a grid with the EMA networks and a fixed seed (main process only, no collectives)."""

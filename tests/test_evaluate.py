@@ -211,8 +211,27 @@ def test_psnr_rows_equal_psnr_of_a_biharmonic_family(cache):
     assert pooled_psnr(sse, holes.sum().item()) == pytest.approx(expected, rel=1e-6)
 
 
+def test_classes_sees_every_digit_in_real_images_and_one_in_a_collapsed_set(cache, tmp_path, capsys):
+    train_x, train_y, _, _ = digits_split()
+    real = np.asarray(train_x[:300], np.uint8)[..., None]  # the 8 x 8 digits as they are
+    collapsed = np.repeat(real[np.flatnonzero(train_y[:300] == 3)[:1]], 50, axis=0)
+    results = {}
+    for name, images in (("real", real), ("collapsed", collapsed)):
+        np.savez(tmp_path / f"{name}.npz", images)  # no labels: coverage needs none
+        assert evaluate.main(["--samples", str(tmp_path / f"{name}.npz"), "--metric", "classes",
+                              "--json", str(tmp_path / f"{name}.json")]) == 0
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    real_r, collapsed_r = results["real"], results["collapsed"]
+    assert real_r["classes_present"] == 10 and sum(real_r["histogram"]) == real_r["num"] == 300
+    # the judge's labels of real training digits match the true labels almost everywhere
+    assert np.abs(np.array(real_r["histogram"]) - np.bincount(train_y[:300], minlength=10)).sum() <= 12
+    assert collapsed_r["classes_present"] == 1 and collapsed_r["histogram"][3] == 50
+    assert collapsed_r["rarest_share"] == 0 and sum(real_r["floor_histogram"]) == real_r["floor_num"] == 359
+    assert "classes present: 1 of 10 (50 samples" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("case", ["fid_on_inpainting", "psnr_on_ddpm", "psnr_on_samples", "no_run",
-                                  "unknown_judge", "accuracy_without_labels"])
+                                  "unknown_judge", "accuracy_without_labels", "nelbo_on_ddpm"])
 def test_errors_are_one_line(case, cache, ddpm_run, tmp_path, capsys):
     samples = tmp_path / "s.npz"
     np.savez(samples, np.zeros((4, 8, 8, 1), np.uint8))
@@ -224,13 +243,14 @@ def test_errors_are_one_line(case, cache, ddpm_run, tmp_path, capsys):
         "no_run": ["--run", str(tmp_path / "absent")],
         "unknown_judge": ["--samples", str(samples), "--dataset", "faces"],
         "accuracy_without_labels": ["--samples", str(samples), "--metric", "accuracy"],
+        "nelbo_on_ddpm": ["--run", str(ddpm_run), "--metric", "nelbo"],
     }[case]
     assert evaluate.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("evaluate.py: error: "), err
     expected = {"fid_on_inpainting": "gan-inpaint transforms input images", "psnr_on_ddpm": "needs an inpainting run",
                 "psnr_on_samples": "needs --run", "no_run": "does not exist", "unknown_judge": "'faces'",
-                "accuracy_without_labels": "intended class"}[case]
+                "accuracy_without_labels": "intended class", "nelbo_on_ddpm": "needs --run with a vae run"}[case]
     assert expected in err[0]
 
 

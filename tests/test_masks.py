@@ -89,3 +89,14 @@ def test_device_argument_and_bad_kind():
         random_masks("circle", 2, 8)
     with pytest.raises(UserError):
         box_masks(2, 8, min_frac=0.6, max_frac=0.5)
+
+
+
+@pytest.mark.parametrize("size, rows, cols", [(8, (2, 6), (2, 6)), ((7, 10), (1, 5), (2, 7))])
+def test_centre_masks_cut_the_middle_half_of_each_side(size, rows, cols):
+    # 7 rows: round(3.5) = 4 hole rows (half to even) from (7 - 4) // 2 = 1; 10 columns: 5 from 2
+    h, w = (size, size) if isinstance(size, int) else size
+    expected = torch.ones(h, w)
+    expected[rows[0]:rows[1], cols[0]:cols[1]] = 0
+    m = random_masks("centre", 3, size)
+    assert m.shape == (3, 1, h, w) and all(torch.equal(m[i, 0], expected) for i in range(3))

@@ -1,4 +1,5 @@
-"""Random inpainting masks: boxes, brush strokes, scattered pixels (1 = known pixel, 0 = hole).
+"""Inpainting masks: random boxes, brush strokes, scattered pixels, and the fixed centre box
+(1 = known pixel, 0 = hole).
 
 Every function returns float32 N x 1 x H x W of exact zeros and ones. All randomness comes
 from the ``generator`` argument (a CPU ``torch.Generator``; None = torch's global RNG, which a
@@ -14,7 +15,7 @@ import torch
 
 from genscale.errors import UserError
 
-MASK_KINDS = ("box", "stroke", "pixel", "mixed")
+MASK_KINDS = ("box", "stroke", "pixel", "mixed", "centre")
 
 
 def _size(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -108,12 +109,27 @@ def pixel_masks(n: int, size: int | tuple[int, int], generator: torch.Generator 
     return (~hole).float().to(device)
 
 
+def centre_masks(n: int, size: int | tuple[int, int], generator: torch.Generator | None = None,
+                 frac: float = 0.5, device: torch.device | str | None = None) -> torch.Tensor:
+    """``n`` identical masks with one centred hole of ``frac`` of each side (the classic
+    context-encoder benchmark); ``generator`` is accepted for a uniform signature and unused."""
+    h, w = _size(size)
+    if not 0 < frac < 1:
+        raise UserError(f"the centre hole must be a fraction of the side between 0 and 1, got {frac}")
+    bh, bw = max(1, round(h * frac)), max(1, round(w * frac))
+    top, left = (h - bh) // 2, (w - bw) // 2
+    mask = torch.ones(n, 1, h, w)
+    mask[:, :, top:top + bh, left:left + bw] = 0.0
+    return mask.to(device)
+
+
 def random_masks(kind: str, n: int, size: int | tuple[int, int], generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> torch.Tensor:
-    """``n`` masks of one kind (box, stroke, pixel) or, for ``mixed``, each of a random kind."""
+    """``n`` masks of one kind (box, stroke, pixel, centre) or, for ``mixed``, each of a random
+    kind among box, stroke and pixel."""
     if kind not in MASK_KINDS:
         raise UserError(f"unknown mask kind {kind!r}; choose one of {', '.join(MASK_KINDS)}")
-    makers = {"box": box_masks, "stroke": stroke_masks, "pixel": pixel_masks}
+    makers = {"box": box_masks, "stroke": stroke_masks, "pixel": pixel_masks, "centre": centre_masks}
     if kind != "mixed":
         return makers[kind](n, size, generator=generator, device=device)
     choice = torch.randint(0, 3, (n,), generator=generator)

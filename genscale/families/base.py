@@ -56,7 +56,9 @@ class Family:
 
     # Optional: ``grid(generator) -> (images, images_per_row)`` replaces the periodic sample grid
     # (e.g. input | output | target rows), and a "warning" string in training_step's dict is
-    # printed and logged at the next logging step.
+    # printed and logged at the next logging step. ``final_metrics() -> dict[str, float]`` is
+    # called once with the EMA networks when training finishes (main process only): the trainer
+    # prints it and logs it to metrics.jsonl (e.g. the VAE's negative ELBO on the test split).
 
     @contextmanager
     def using(self, nets: dict[str, nn.Module]) -> Iterator[None]:

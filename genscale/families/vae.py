@@ -128,6 +128,13 @@ class VAE(Family):
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
         return {**self.evaluate_elbo(x, torch.Generator().manual_seed(seed)), "split": split}
 
+    def final_metrics(self) -> dict[str, float]:
+        """Printed and logged when training finishes: the negative ELBO of the held-out split."""
+        r = self.test_elbo()
+        return {"test_nelbo_nats": round(r["nelbo_nats"], 3), "test_bits_per_dim": round(r["bits_per_dim"], 4),
+                "test_rec_nats": round(r["rec_nats"], 3), "test_kl_nats": round(r["kl_nats"], 3),
+                "test_images": int(r["num"])}
+
     @torch.no_grad()
     def grid(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
         """The periodic grid, 8 per row: 4 rows of prior samples, then rows of input |

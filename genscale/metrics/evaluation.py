@@ -7,7 +7,8 @@ through the classes by sample index, quantised to uint8 like a PNG and featurise
 that drew it; only features (or per-sample numbers) are gathered. Every report carries its
 floor: FID/KID of real images of the other split against the reference, with the same number
 of images and features; accuracy of the judge on the real reference images; for PSNR the
-biharmonic baseline on the same images and masks. Every rank gets the same result dict.
+biharmonic baseline on the same images and masks; for the class histogram of unconditional
+samples, the histogram of the real images. Every rank gets the same result dict.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from genscale.metrics.reference import (RealFeatures, folder_features, is_image_
                                         split_features)
 from genscale.metrics.sharded import NOISE, SAMPLES, any_rank, chunk_generator, sharded_rows
 
-METRICS = ("fid", "kid", "accuracy", "psnr")
+METRICS = ("fid", "kid", "accuracy", "classes", "psnr", "nelbo")
 DISTANCES = ("fid", "kid")
 DEFAULT_CHUNK = 100
 T = TypeVar("T")
@@ -230,6 +231,31 @@ class Evaluator:
                 "per_class": {int(c): float(hit[labels == c].mean()) for c in np.unique(labels)},
                 "histogram": np.bincount(pred, minlength=num_classes).tolist(), "num": int(len(labels)),
                 "accuracy_floor": floor["accuracy"], "floor_num": floor["num"],
+                "floor_source": f"{s.reference} {s.split}", "judge_dataset": dataset,
+                "judge_test_accuracy": judge.test_accuracy}
+
+    def classes(self, images: ImagesFn, num: int, desc: str = "") -> dict:
+        """Which classes the judge sees in ``num`` unconditional samples (do they cover every
+        class, or has the model collapsed onto a few?), beside the real reference images."""
+        from genscale.metrics.judge import load_or_train_judge, predict
+
+        if self.folder_reference:
+            raise UserError("--metric classes needs a labelled data set as --reference, not a folder of images.")
+        dataset = self.judge_dataset()
+        judge = self._main_first(lambda: load_or_train_judge(dataset)).to(self.device)
+
+        def rows(k: int, start: int, stop: int) -> torch.Tensor:
+            return torch.from_numpy(predict(judge, images(k, start, stop))).double()[:, None]
+
+        pred = sharded_rows(num, self.setup.chunk_size, 1, rows, self.acc, desc)[:, 0].astype(np.int64)
+        num_classes = judge.head.out_features
+        hist = np.bincount(pred, minlength=num_classes)
+        s = self.setup
+        _, real, _ = self._main_first(lambda: load_split(s.reference, s.split, s.image_size, s.channels, s.cache_dir))
+        real_hist = np.bincount(predict(judge, real), minlength=num_classes)
+        return {"classes_present": int((hist > 0).sum()), "num_classes": num_classes,
+                "rarest_share": float(hist.min() / num), "histogram": hist.tolist(), "num": int(num),
+                "floor_histogram": real_hist.tolist(), "floor_num": int(len(real)),
                 "floor_source": f"{s.reference} {s.split}", "judge_dataset": dataset,
                 "judge_test_accuracy": judge.test_accuracy}
 
