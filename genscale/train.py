@@ -80,6 +80,41 @@ def grid_labels(info: DataInfo, per_class: int = 8) -> torch.Tensor | None:
 
 def main(argv: list[str] | None = None) -> int:
     run = parse_train_args(argv)
+    if run.train.model == "ldm" and not (run.options.autoencoder or run.options.autoencoder_config):
+        autoencoder = train_autoencoder_first(run)
+        if autoencoder is None:  # stopped (SIGTERM, Ctrl-C) while training it: the same command resumes
+            return 0
+        run.options.autoencoder = autoencoder
+    return train(run)
+
+
+def train_autoencoder_first(run: RunConfig) -> str | None:
+    """``--model ldm`` without --autoencoder: train the ldm family's KL autoencoder recipe on the
+    same data into OUT/autoencoder (a vae run of its own, resumed like any run); its folder, or
+    None when it was stopped before its last step."""
+    from genscale.checkpoints import list_checkpoints
+    from genscale.families.ldm import AUTOENCODER_FOLDER, AUTOENCODER_RECIPE
+
+    cfg = run.train
+    out = Path(cfg.out) / AUTOENCODER_FOLDER
+    argv = ["--model", "vae", "--data", cfg.data, "--image-size", str(cfg.image_size), "--seed", str(cfg.seed),
+            "--num-workers", str(cfg.num_workers), "--out", str(out)]
+    for flag, value in AUTOENCODER_RECIPE.items():
+        argv += [f"--{flag}", value]
+    if cfg.cache_dir:
+        argv += ["--cache-dir", cfg.cache_dir]
+    if run.options.autoencoder_steps:
+        argv += ["--steps", str(run.options.autoencoder_steps)]
+    ae_run = parse_train_args(argv)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"ldm: no --autoencoder given, so a KL autoencoder is trained first into {out}", flush=True)
+    train(ae_run, last=False)
+    done = list_checkpoints(out)
+    return str(out) if done and done[-1][0] >= ae_run.train.steps else None
+
+
+def train(run: RunConfig, last: bool = True) -> int:
+    """Train one run; ``last`` False keeps the process group for a run that follows in the same launch."""
     cfg = run.train
     check_same_run(run)
     from genscale.data import resolve_data
@@ -122,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(out / "config.json", record)
     if cfg.log_with:
         acc.init_trackers(out.name, config=run.to_dict()["train"])
-    return trainer.fit()
+    return trainer.fit(end_training=last)
 
 
 def _num_machines(world: int) -> int:

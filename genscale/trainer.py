@@ -156,7 +156,7 @@ class Trainer:
         return True
 
     # ---- the loop -----------------------------------------------------------------------
-    def fit(self) -> int:
+    def fit(self, end_training: bool = True) -> int:
         cfg, acc = self.cfg, self.acc
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -233,7 +233,8 @@ class Trainer:
             self.write_final_metrics()
             plot_losses(self.metrics.read(), self.out / "loss_curve.png")
             acc.print(f"finished {cfg.steps} steps; weights, grids and metrics are in {self.out}")
-        acc.end_training()
+        if end_training:  # ends trackers and the process group; a run that follows keeps them
+            acc.end_training()
         return 0
 
     def _eval_due(self, done: int) -> bool:

@@ -78,13 +78,23 @@ def test_resumed_vae_and_ldm_runs_equal_uninterrupted_ones(vae_run, cache, tmp_p
     assert json.loads(cfg["options"]["autoencoder_config"])["run"] == str(vae_run.resolve())
 
 
-def test_two_process_ldm_is_one_job(vae_run, cache, tmp_path):
+def test_two_process_ldm_trains_its_autoencoder_first_in_one_job(cache, tmp_path):
+    """Without --autoencoder one launch trains the KL autoencoder recipe, then the ldm on it, on the
+    same process group; the same command again finds both finished."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "accelerate_configs" / "cpu.yaml"), "--main_process_port", "29561",
            str(ROOT / "genscale" / "train.py"), "--model", "ldm", *COMMON, *TINY["ldm"], "--steps", "2",
-           "--autoencoder", str(vae_run), "--out", str(out)]
+           "--autoencoder-steps", "2", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(cache), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("a KL autoencoder is trained first") == 1  # printed by rank 0 only
+    ae = json.loads((out / "autoencoder" / "config.json").read_text())
+    assert ae["train"]["model"] == "vae" and ae["world_size"] == 2 and ae["train"]["steps"] == 2
+    assert {k: ae["options"][k] for k in ("beta", "downsample", "z_channels")} == {"beta": 0.1, "downsample": 4,
+                                                                                  "z_channels": 4}
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["world_size"] == 2 and (out / "checkpoints" / "step-00000002" / "ema.pt").is_file()
+    assert json.loads(cfg["options"]["autoencoder_config"])["run"] == str((out / "autoencoder").resolve())
+    again = subprocess.run(cmd, cwd=ROOT, env=env(cache), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("already at its last step") == 2, again.stdout[-2000:]

@@ -1,6 +1,7 @@
 """Latent diffusion (Rombach et al. 2022): DDPM on the latents of a trained, frozen autoencoder.
 
-The autoencoder is a finished ``--model vae`` run (``--autoencoder RUN``; a small ``--beta``
+The autoencoder is a finished ``--model vae`` run (``--autoencoder RUN``; without it train.py
+first trains the KL autoencoder of ``AUTOENCODER_RECIPE`` into OUT/autoencoder; a small ``--beta``
 makes it the KL-regularised autoencoder of the paper, ``--downsample 4`` or ``8`` its factor;
 on the digits ``--beta 0.1 --downsample 4 --z-channels 4`` gives 4 x 2 x 2 latents that decode
 to digits the judge reads 95% right, where the beta = 1 VAE's blurry ones reach 75%): its EMA
@@ -34,9 +35,16 @@ from genscale.models.autoencoder import LatentDiffusionModel, diffusion_latent_s
 from genscale.models.unet import UNet
 
 
+# The vae options of the autoencoder train.py trains first when --autoencoder is not given: the
+# KL-regularised autoencoder (beta 0.1) with a 4 x 2 x 2 latent on the 8 x 8 digits.
+AUTOENCODER_RECIPE = {"beta": "0.1", "downsample": "4", "z-channels": "4"}
+AUTOENCODER_FOLDER = "autoencoder"
+
+
 @dataclass
 class Options(ddpm.Options):
-    autoencoder: str = ""  # folder of a finished vae run
+    autoencoder: str = ""  # folder of a finished vae run ("" = train one first into OUT/autoencoder)
+    autoencoder_steps: int = 0  # steps of the autoencoder trained first (0 = the vae preset's)
     autoencoder_config: str = ""  # filled in by the run: the autoencoder's architecture (JSON)
     scale_samples: int = 2000  # training images whose latents set the scale factor
     # v, not eps: without x0 clipping (latents are unbounded) DDIM's first steps divide eps
@@ -49,15 +57,17 @@ class Options(ddpm.Options):
 
     def validate(self) -> None:
         super().validate()
-        if not self.autoencoder and not self.autoencoder_config:
-            raise UserError("ldm runs on a trained autoencoder: train one with `genscale/train.py --model vae "
-                            "--beta 0.1 --downsample 4 --z-channels 4 --out runs/klae` and pass --autoencoder runs/klae")
+        if self.autoencoder_steps < 0:
+            raise UserError(f"--autoencoder-steps must be 0 (the vae preset's) or positive, got {self.autoencoder_steps}")
         if self.scale_samples < 2:
             raise UserError(f"--scale-samples must be at least 2, got {self.scale_samples}")
 
 
 OPTION_HELP = {**ddpm.OPTION_HELP,
-               "autoencoder": "run folder of a finished vae run whose (frozen) autoencoder defines the latents",
+               "autoencoder": "run folder of a finished vae run whose (frozen) autoencoder defines the latents "
+                              "(default: train a KL autoencoder first into OUT/autoencoder)",
+               "autoencoder_steps": "training steps of the autoencoder trained first when --autoencoder is not given "
+                                    "(0: the vae preset's)",
                "autoencoder_config": "set by the run itself: the autoencoder's architecture as JSON",
                "scale_samples": "training images whose latents' std sets the latent scale factor"}
 
@@ -97,6 +107,8 @@ class LDM(Family):
         self.schedule = NoiseSchedule(options.schedule, options.timesteps)
         if options.autoencoder_config:  # a recorded run: the weights come with its checkpoint
             spec, weights = json.loads(options.autoencoder_config), None
+        elif not options.autoencoder:
+            raise UserError("ldm needs a trained autoencoder: pass --autoencoder RUN (a vae run folder)")
         else:
             spec, weights = read_autoencoder_run(options.autoencoder)
         ae_info = DataInfo(**spec["data_info"])
