@@ -6,6 +6,10 @@ the result keeps every known pixel bit for bit (``composite``). ``run_inpainting
 ``sample.py --task inpaint``: uint8 N x H x W x C images and uint8 N x H x W masks in, uint8
 filled images out, with the known pixels copied from the input in the uint8 domain so that
 no rounding can touch them.
+
+Diffusion runs inpaint too: a ddpm run fills holes with RePaint (genscale.applications.repaint,
+settings in ``options``: steps, jump_length, jump_count, labels, cfg_scale). An ldm run cannot:
+its masks would have to act on latents, which do not map 1:1 onto pixels.
 """
 from __future__ import annotations
 
@@ -41,13 +45,41 @@ def centre_box_masks(n: int, size: int | tuple[int, int], frac: float = 0.5,
     return mask
 
 
+DIFFUSION_INPAINTERS = ("ddpm", "ldm")  # RePaint (ldm refused with a reason in call_inpaint)
+
+
 def can_inpaint(family) -> bool:
-    return callable(getattr(family, "inpaint", None))
+    return callable(getattr(family, "inpaint", None)) or getattr(family, "name", "") in DIFFUSION_INPAINTERS
+
+
+def repaint_fill(family, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None,
+                 options: dict | None = None) -> torch.Tensor:
+    """RePaint on a diffusion run; ``options`` as in the module docstring (labels: sample.py's spec)."""
+    from genscale.applications.model import DiffusionModel
+    from genscale.applications.repaint import repaint
+
+    dm = DiffusionModel(family, "inpaint")
+    dm.require_pixels("inpaint")
+    opts = dict(options or {})
+    labels = opts.pop("labels", None)
+    if labels not in (None, "") and dm.num_classes:
+        from genscale.sample import parse_labels
+
+        labels = parse_labels(labels, images.shape[0], dm.num_classes).to(dm.device)
+    else:
+        labels = None
+    cfg = opts.pop("cfg_scale", None)
+    cfg = (dm.default_cfg if labels is not None else 1.0) if cfg is None else cfg
+    check_masks(images, masks)
+    return repaint(dm, images, masks, labels=labels, cfg_scale=cfg, generator=generator, **opts)
 
 
 def call_inpaint(family, images: torch.Tensor, masks: torch.Tensor,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """``family.inpaint`` with the generator when it takes one (stochastic fillers need it)."""
+                 generator: torch.Generator | None = None, options: dict | None = None) -> torch.Tensor:
+    """``family.inpaint`` with the generator when it takes one (stochastic fillers need it);
+    RePaint (with ``options``) for diffusion runs."""
+    if getattr(family, "name", "") in DIFFUSION_INPAINTERS:
+        return repaint_fill(family, images, masks, generator, options)
     if not can_inpaint(family):
         raise UserError(f"model {getattr(family, 'name', type(family).__name__)} cannot fill holes; "
                         "inpainting runs: inpaint, gan-inpaint, transformer")
@@ -85,7 +117,7 @@ def load_inpainting_inputs(images_path: str, masks_path: str) -> tuple[np.ndarra
 
 
 def run_inpainting(family, images: np.ndarray, masks: np.ndarray, image_size: int, channels: int,
-                   seed: int = 0, batch_size: int = 250) -> np.ndarray:
+                   seed: int = 0, batch_size: int = 250, options: dict | None = None) -> np.ndarray:
     """Fill the holes of uint8 NHWC ``images`` under uint8 NHW ``masks`` (1 = known) with ``family``."""
     if images.shape[1:] != (image_size, image_size, channels):
         raise UserError(f"the run works on {image_size} x {image_size} x {channels} images, "
@@ -98,7 +130,7 @@ def run_inpainting(family, images: np.ndarray, masks: np.ndarray, image_size: in
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(images[start:start + batch_size]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
         m = torch.from_numpy(masks[start:start + batch_size]).to(device)[:, None].float()
-        filled = call_inpaint(family, x, m, gen)
+        filled = call_inpaint(family, x, m, gen, options)
         if filled.shape != x.shape:
             raise UserError(f"{family.name}.inpaint returned shape {tuple(filled.shape)} for images {tuple(x.shape)}")
         out.append(to_uint8(filled))

@@ -2,6 +2,10 @@
 
     python genscale/sample.py --run runs/ddpm --num 100 --labels all --out samples.png
     python genscale/sample.py --run runs/inpaint --task inpaint --input IMAGES.npz --mask MASKS.npz --out OUT.npz
+    python genscale/sample.py --run runs/ddpm --task anagram --labels 6,9 --views identity,rot180 --out anagram
+
+Diffusion runs also take ``--task denoise|img2img|inpaint|anagram|hybrid`` (RePaint for inpaint;
+docs/applications.md); a denoiser run takes ``--task denoise`` (its sigma sweep).
 
 ``--out FILE.png`` writes a grid, ``FILE.npz`` the ADM convention (``arr_0`` uint8 N x H x W x C,
 ``arr_1`` int labels), a name without a suffix both. The same seed gives identical output.
@@ -24,6 +28,7 @@ import math
 import numpy as np
 import torch
 
+from genscale.applications.tasks import TASKS, add_task_arguments, run_task
 from genscale.checkpoints import load_ema_weights
 from genscale.cli import run_main
 from genscale.config import RunConfig
@@ -81,7 +86,12 @@ def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, 
         raise UserError(f"--num must be positive, got {num}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     family, info, _ = load_family(run_dir, device)
-    label_tensor = parse_labels(labels, num, info.num_classes)
+    # The family, not the data, says whether a run is conditional: gan, dcgan and vae train on the
+    # labelled digits (info.num_classes 10) but generate without labels; their outputs are -1.
+    classes = int(getattr(family, "num_classes", 0) or 0)
+    if classes == 0 and labels == "all":
+        labels = None
+    label_tensor = parse_labels(labels, num, classes)
     gen = torch.Generator().manual_seed(seed)
     options = {k: v for k, v in dict(cfg_scale=cfg_scale, sampler=sampler, sampling_steps=sampling_steps).items()
                if v is not None}
@@ -117,8 +127,9 @@ def write_outputs(out: str, images: np.ndarray, labels: np.ndarray) -> list[Path
 
 
 def inpaint_task(run_dir: str, images_path: str, masks_path: str, out: str, seed: int = 0,
-                 batch_size: int = 250, device: str | None = None) -> list[Path]:
-    """``--task inpaint``: fill the holes of IMAGES.npz under MASKS.npz and write ``out``."""
+                 batch_size: int = 250, device: str | None = None, options: dict | None = None) -> list[Path]:
+    """``--task inpaint``: fill the holes of IMAGES.npz under MASKS.npz and write ``out``
+    (``options``: RePaint's settings for diffusion runs, see genscale.inpainting.inpaint_options)."""
     from genscale.inpainting import can_inpaint, load_inpainting_inputs, run_inpainting
 
     path = Path(out)
@@ -129,8 +140,8 @@ def inpaint_task(run_dir: str, images_path: str, masks_path: str, out: str, seed
     family, info, _ = load_family(run_dir, device)
     if not can_inpaint(family):
         raise UserError(f"the run {run_dir} ({family.name}) cannot fill holes; use an inpainting model "
-                        "(inpaint, gan-inpaint, transformer)")
-    filled = run_inpainting(family, images, masks, info.image_size, info.channels, seed, batch_size)
+                        "(inpaint, gan-inpaint, transformer) or a ddpm run (RePaint)")
+    filled = run_inpainting(family, images, masks, info.image_size, info.channels, seed, batch_size, options)
     path.parent.mkdir(parents=True, exist_ok=True)
     written = []
     if path.suffix in ("", ".png"):
@@ -149,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genscale/sample.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run folder written by train.py")
-    parser.add_argument("--task", choices=["sample", "inpaint"], default="sample",
-                        help="sample (default) or inpaint (with --input and --mask)")
-    parser.add_argument("--input", help="--task inpaint: IMAGES.npz, arr_0 uint8 N x H x W x C")
+    parser.add_argument("--task", choices=["sample", *TASKS], default="sample",
+                        help="sample (default); inpaint (with --input and --mask); denoise, img2img, anagram, "
+                             "hybrid on diffusion runs")
+    parser.add_argument("--input", help="IMAGES.npz (arr_0 uint8 N x H x W x C) or IMAGE.png; denoise and "
+                                        "img2img default to the first --num held-out images")
     parser.add_argument("--mask", help="--task inpaint: MASKS.npz, arr_0 uint8 N x H x W, 1 = known, 0 = hole")
     parser.add_argument("--num", type=int, default=64, help="number of samples")
     parser.add_argument("--labels", default=None, help="'all', one class '3', or a list '0,1,2'")
@@ -161,18 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--out", required=True, help="FILE.png (grid), FILE.npz (arrays) or FILE (both)")
+    add_task_arguments(parser)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         raise UserError("", exit_code=int(exit_.code or 0)) from None
-    if args.task == "inpaint":
-        if not args.input or not args.mask:
-            raise UserError("--task inpaint needs --input IMAGES.npz and --mask MASKS.npz")
-        for path in inpaint_task(args.run, args.input, args.mask, args.out, args.seed, args.batch_size):
+    if args.task != "sample":
+        for path in run_task(args):
             print(f"wrote {path}")
         return 0
     if args.input or args.mask:
-        raise UserError("--input and --mask go with --task inpaint")
+        raise UserError("--input and --mask go with the tasks (--task inpaint, denoise, img2img)")
     images, labels = generate(args.run, args.num, args.labels, args.seed, args.cfg_scale, args.sampler,
                               args.sampling_steps, args.batch_size, progress=True)
     for path in write_outputs(args.out, images, labels):

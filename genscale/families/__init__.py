@@ -20,6 +20,7 @@ FAMILIES: dict[str, str] = {
     "inpaint": "genscale.families.inpaint",
     "transformer": "genscale.families.transformer",
     "ldm": "genscale.families.ldm",
+    "denoiser": "genscale.families.denoiser",
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -33,6 +34,7 @@ DESCRIPTIONS: dict[str, str] = {
     "inpaint": "U-Net inpainting: (masked image, mask) -> image, MSE on the holes",
     "transformer": "encoder-only transformer on patches: masked-patch MSE, inpainting, MaskGIT-style generation",
     "ldm": "latent diffusion: DDPM on the scaled latents of a trained vae run (--autoencoder RUN)",
+    "denoiser": "single-step U-Net denoiser trained at one noise level (--sigma 0.5); sample.py --task denoise sweeps sigma",
 }
 
 

@@ -1,0 +1,146 @@
+"""The command-line side of ``sample.py --task denoise|img2img|inpaint|anagram|hybrid``.
+
+``add_task_arguments`` adds the applications' flags to sample.py's parser and ``run_task``
+runs one task from the parsed arguments; every problem with the input is a UserError.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genscale.applications.inputs import check_out, columns_grid, load_images, to_tensor, write_task_outputs
+from genscale.errors import UserError
+
+TASKS = ("denoise", "img2img", "inpaint", "anagram", "hybrid")
+# Defaults checked on the default ddpm preset's run (docs/applications.md has the numbers).
+ANAGRAM_LABELS, HYBRID_LABELS = "6,9", "8,1"
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("applications (diffusion runs; see docs/applications.md)")
+    g.add_argument("--t", type=int, default=None, help="denoise: the timestep to noise to (default T/2)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="reverse steps: denoise's iterative steps from t (20), or the strided steps over all "
+                        "T of img2img/anagram/hybrid (50) and inpaint (RePaint, 100)")
+    g.add_argument("--blur-sigma", type=float, default=1.0, help="denoise: sigma of the Gaussian-blur baseline")
+    g.add_argument("--levels", default="0.2,0.4,0.6,0.8", help="img2img: noise levels as fractions of T")
+    g.add_argument("--jump-length", type=int, default=10, help="inpaint (RePaint): positions per resampling jump")
+    g.add_argument("--jump-count", type=int, default=10,
+                   help="inpaint (RePaint): passes through each jump (1 = no resampling)")
+    g.add_argument("--views", default="identity,rot180", help="anagram: one view per class (identity, vflip, "
+                                                               "rot180, rot90)")
+    g.add_argument("--sigma", type=float, default=1.0, help="hybrid: Gaussian sigma of the low/high split")
+    g.add_argument("--view-sigma", type=float, default=1.5, help="hybrid: sigma of the blurred view in the grid")
+    g.add_argument("--eta", type=float, default=0.0, help="0 = deterministic DDIM steps, 1 = ancestral")
+    g.add_argument("--sigmas", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0",
+                   help="denoise on a denoiser run: the noise levels of the sweep")
+
+
+def _class_list(spec: str, count: int, num_classes: int, flag: str = "--labels") -> list[int]:
+    try:
+        classes = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated class numbers, got {spec!r}") from None
+    if len(classes) != count or any(not 0 <= c < num_classes for c in classes):
+        raise UserError(f"{flag} must name {count} classes between 0 and {num_classes - 1}, got {spec!r}")
+    return classes
+
+
+def _labels(dm, spec: str | None, n: int) -> torch.Tensor | None:
+    from genscale.sample import parse_labels
+
+    if spec in (None, "") or dm.num_classes == 0:
+        return None  # the unconditional model
+    return parse_labels(spec, n, dm.num_classes).to(dm.device)
+
+
+def run_task(args: argparse.Namespace) -> list[Path]:
+    """Run ``args.task`` on ``args.run``; returns the files written."""
+    from genscale.sample import inpaint_task, load_family
+
+    check_out(args.out)
+    if args.task == "inpaint":
+        if not args.input or not args.mask:
+            raise UserError("--task inpaint needs --input IMAGES.npz and --mask MASKS.npz")
+        options = dict(steps=args.steps or 100, jump_length=args.jump_length, jump_count=args.jump_count,
+                       labels=args.labels, cfg_scale=args.cfg_scale)
+        return inpaint_task(args.run, args.input, args.mask, args.out, args.seed, args.batch_size, options=options)
+    if args.mask:
+        raise UserError("--mask goes with --task inpaint")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    family, info, _ = load_family(args.run, device)
+    gen = torch.Generator().manual_seed(args.seed)
+    if getattr(family, "name", "") == "denoiser":
+        if args.task != "denoise":
+            raise UserError(f"a denoiser run does --task denoise only, not {args.task}")
+        from genscale.applications.denoiser_sweep import sigma_sweep
+
+        images, _ = load_images(args.input, args.run, info.image_size, info.channels, args.num)
+        return sigma_sweep(family, to_tensor(images, device), _floats(args.sigmas, "--sigmas"), args.out, gen)
+    from genscale.applications.model import DiffusionModel
+
+    dm = DiffusionModel(family, args.task)
+    cfg = dm.default_cfg if args.cfg_scale is None else args.cfg_scale
+    if args.task in ("anagram", "hybrid"):
+        if args.input:
+            raise UserError(f"--task {args.task} generates from noise and takes no --input")
+        return _generate(args, dm, cfg, gen)
+    images, _ = load_images(args.input, args.run, info.image_size, info.channels, args.num)
+    x = to_tensor(images, device)
+    if args.task == "denoise":
+        from genscale.applications.denoise import denoise
+
+        t = dm.timesteps // 2 if args.t is None else args.t
+        r = denoise(dm, x, t, steps=args.steps or 20, blur_sigma=args.blur_sigma,
+                    labels=_labels(dm, args.labels, len(x)), cfg_scale=cfg, eta=args.eta, generator=gen)
+        print("PSNR (dB) at t=%d: " % t + ", ".join(f"{k} {v:.2f}" for k, v in r.psnr().items()))
+        grid = columns_grid([r.clean, r.noisy, r.blur, r.one_step, *r.trace, r.iterative])
+        return write_task_outputs(args.out, grid, r.iterative, dict(noisy=r.noisy, blur=r.blur, one_step=r.one_step))
+    from genscale.applications.sdedit import distances, parse_levels, sdedit
+
+    levels = parse_levels(args.levels)
+    edits = sdedit(dm, x, levels, labels=_labels(dm, args.labels, len(x)), cfg_scale=cfg, steps=args.steps or 50,
+                   eta=args.eta, generator=gen)
+    print("distance to the guide (RMS) by level: " + ", ".join(
+        f"{lv:g}: {d:.4f}" for lv, d in zip(levels, distances(edits, x))))
+    arr = torch.stack(edits, 1).flatten(0, 1)  # image-major: image 0 at every level, then image 1 ...
+    return write_task_outputs(args.out, columns_grid([x, *edits]), arr, dict(levels=np.array(levels)))
+
+
+def _floats(spec: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated numbers, got {spec!r}") from None
+    if not values or min(values) < 0:
+        raise UserError(f"{flag} must list non-negative numbers, got {spec!r}")
+    return values
+
+
+def _generate(args: argparse.Namespace, dm, cfg: float, gen: torch.Generator) -> list[Path]:
+    dm.require_pixels(args.task)
+    if dm.num_classes == 0:
+        raise UserError(f"--task {args.task} needs a class-conditional run (one class per view or band)")
+    steps = args.steps or 50
+    if not 1 <= steps <= dm.timesteps:
+        raise UserError(f"--steps must be between 1 and {dm.timesteps}, got {steps}")
+    if args.task == "anagram":
+        from genscale.applications.anagram import anagram
+        from genscale.applications.views import parse_views
+
+        views = parse_views(args.views)
+        classes = _class_list(args.labels or ANAGRAM_LABELS, len(views), max(dm.num_classes, 1))
+        x = anagram(dm, args.num, views, classes, cfg_scale=cfg, steps=steps, eta=args.eta, generator=gen)
+        shown = [v.apply(x) for v in views]
+        return write_task_outputs(args.out, columns_grid(shown), x,
+                                  {f"view_{v.name}": s for v, s in zip(views[1:], shown[1:])})
+    from genscale.applications.filters import lowpass
+    from genscale.applications.hybrid import hybrid
+
+    low, high = _class_list(args.labels or HYBRID_LABELS, 2, max(dm.num_classes, 1))
+    x = hybrid(dm, args.num, low, high, sigma=args.sigma, cfg_scale=cfg, steps=steps, eta=args.eta, generator=gen)
+    blurred = lowpass(x, args.view_sigma).clamp(-1, 1)
+    return write_task_outputs(args.out, columns_grid([x, blurred]), x, dict(blurred=blurred))
