@@ -152,8 +152,11 @@ def test_latents_are_not_clipped_to_one(tmp_path, cache):
 
 
 def test_clear_errors(tmp_path, cache):
-    with pytest.raises(UserError, match="--autoencoder"):
-        Options().validate()
+    Options().validate()  # no --autoencoder: train.py trains one first (tests/test_ldm_end_to_end.py)
+    with pytest.raises(UserError, match="pass --autoencoder RUN"):
+        LDM(TrainConfig(model="ldm", cache_dir=str(cache)), Options(**SMALL), INFO)
+    with pytest.raises(UserError, match="--autoencoder-steps"):
+        Options(autoencoder_steps=-1).validate()
     with pytest.raises(UserError, match="not a genscale run"):
         build(tmp_path / "nothing", cache)
     write_vae_run(tmp_path / "gan", model="dcgan")
