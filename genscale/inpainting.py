@@ -48,8 +48,13 @@ def centre_box_masks(n: int, size: int | tuple[int, int], frac: float = 0.5,
 DIFFUSION_INPAINTERS = ("ddpm", "ldm")  # RePaint (ldm refused with a reason in call_inpaint)
 
 
+def is_diffusion(family) -> bool:
+    """A ddpm/ldm family (with its noise schedule): it inpaints by RePaint."""
+    return getattr(family, "name", "") in DIFFUSION_INPAINTERS and hasattr(family, "schedule")
+
+
 def can_inpaint(family) -> bool:
-    return callable(getattr(family, "inpaint", None)) or getattr(family, "name", "") in DIFFUSION_INPAINTERS
+    return callable(getattr(family, "inpaint", None)) or is_diffusion(family)
 
 
 def repaint_fill(family, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None,
@@ -78,7 +83,7 @@ def call_inpaint(family, images: torch.Tensor, masks: torch.Tensor,
                  generator: torch.Generator | None = None, options: dict | None = None) -> torch.Tensor:
     """``family.inpaint`` with the generator when it takes one (stochastic fillers need it);
     RePaint (with ``options``) for diffusion runs."""
-    if getattr(family, "name", "") in DIFFUSION_INPAINTERS:
+    if is_diffusion(family):
         return repaint_fill(family, images, masks, generator, options)
     if not can_inpaint(family):
         raise UserError(f"model {getattr(family, 'name', type(family).__name__)} cannot fill holes; "
