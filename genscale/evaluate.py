@@ -242,6 +242,7 @@ def describe(result: dict) -> list[str]:
         f"hole PSNR: {result['psnr']:.3f} dB ({result['num']} images of {result['reference']}, "
         f"{result['mask']} masks, {100 * result['hole_fraction']:.1f}% holes)",
         f"baseline, biharmonic inpainting on the same images and masks: {result['psnr_biharmonic']:.3f} dB",
+        f"known pixels changed by the model: {result['known_changed']} of {result['known_values']} values",
     ]
 
 

@@ -186,6 +186,8 @@ def test_psnr_of_an_inpainting_run_against_biharmonic(cache, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "hole PSNR" in printed and "(60 images of digits test, box masks" in printed
     assert "baseline, biharmonic inpainting on the same images and masks" in printed
+    # gan-inpaint composites its output with the known pixels: none of them changes
+    assert result["known_changed"] == 0 and "known pixels changed by the model: 0 of " in printed
 
 
 def test_psnr_rows_equal_psnr_of_a_biharmonic_family(cache):
@@ -200,6 +202,14 @@ def test_psnr_rows_equal_psnr_of_a_biharmonic_family(cache):
     ev = Evaluator(EvalSetup(metric="psnr", image_size=16, channels=1, chunk_size=30))
     result = ev.psnr(Biharmonic(), 70, "stroke")
     assert result["psnr"] == result["psnr_biharmonic"] and result["num"] == 70
+    assert result["known_changed"] == 0 and result["known_values"] > 0
+
+    class Shifted(Biharmonic):  # repaints every pixel, known ones included
+        def inpaint(self, images, masks, generator=None):
+            return (biharmonic_fill(images, masks) + 0.25).clamp(-1, 2)
+
+    shifted = ev.psnr(Shifted(), 70, "stroke")
+    assert shifted["known_changed"] == shifted["known_values"] == result["known_values"]
     # The pooled PSNR equals psnr.py on all images as one long image, holes only.
     gen = torch.Generator().manual_seed(0)
     target = torch.rand(4, 1, 6, 6, generator=gen) * 2 - 1

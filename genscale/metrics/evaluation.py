@@ -269,6 +269,6 @@ class Evaluator:
         s = self.setup
         _, images, _ = self._main_first(
             lambda: load_split(s.reference, s.split, s.image_size, s.channels, s.cache_dir, limit=num))
-        rows = sharded_rows(len(images), s.chunk_size, 3, inpainting_rows(family, images, mask_kind, s.seed),
+        rows = sharded_rows(len(images), s.chunk_size, 4, inpainting_rows(family, images, mask_kind, s.seed),
                             self.acc, desc)
         return psnr_result(rows, int(np.prod(images.shape[1:])), mask_kind, f"{s.reference} {s.split}")

@@ -63,7 +63,8 @@ def pooled_psnr(sse: np.ndarray | float, count: np.ndarray | float) -> float:
 
 
 def inpainting_rows(family, images: np.ndarray, mask_kind: str, seed: int) -> ChunkFn:
-    """Chunk -> rows [model SSE, biharmonic SSE, hole values] for uint8 NHWC test ``images``."""
+    """Chunk -> rows [model SSE, biharmonic SSE, hole values, known values the model changed]
+    for uint8 NHWC test ``images`` (the last is 0 for a filler that keeps known pixels bit for bit)."""
     from genscale.data.masks import random_masks
 
     def rows(k: int, start: int, stop: int) -> torch.Tensor:
@@ -75,7 +76,9 @@ def inpainting_rows(family, images: np.ndarray, mask_kind: str, seed: int) -> Ch
             raise UserError(f"{family.name}.inpaint returned shape {tuple(filled.shape)} for images {tuple(x.shape)}.")
         model_sse, count = hole_errors(filled, x, masks)
         base_sse, _ = hole_errors(biharmonic_fill(x, masks), x, masks)
-        return torch.stack([model_sse, base_sse, count], 1)
+        known = (masks > 0.5).expand_as(x)
+        changed = ((filled != x) & known).flatten(1).sum(1).double()
+        return torch.stack([model_sse, base_sse, count, changed], 1)
 
     return rows
 
@@ -87,6 +90,8 @@ def psnr_result(rows: np.ndarray, values_per_image: int, mask_kind: str, descrip
         "psnr_biharmonic": pooled_psnr(rows[:, 1], rows[:, 2]),
         "num": int(len(rows)),
         "hole_fraction": float(rows[:, 2].sum() / (len(rows) * values_per_image)),
+        "known_changed": int(rows[:, 3].sum()),
+        "known_values": int(len(rows) * values_per_image - rows[:, 2].sum()),
         "mask": mask_kind,
         "reference": description,
     }
