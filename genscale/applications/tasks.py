@@ -124,7 +124,7 @@ def _generate(args: argparse.Namespace, dm, cfg: float, gen: torch.Generator) ->
     dm.require_pixels(args.task)
     if dm.num_classes == 0:
         raise UserError(f"--task {args.task} needs a class-conditional run (one class per view or band)")
-    steps = args.steps or 50
+    steps = args.steps or min(50, dm.timesteps)
     if not 1 <= steps <= dm.timesteps:
         raise UserError(f"--steps must be between 1 and {dm.timesteps}, got {steps}")
     if args.task == "anagram":
