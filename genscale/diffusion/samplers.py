@@ -147,6 +147,8 @@ def _reverse_process(model_fn: ModelFn, shape: tuple[int, ...], schedule: NoiseS
         pred_u, pred_c = guided_halves(model_fn, x, t_batch, labels, num_classes, cfg_scale)
         eps = eps_from_prediction(schedule, x, t_batch, pred_u.to(x.dtype), prediction)
         eps_c = None if pred_c is None else eps_from_prediction(schedule, x, t_batch, pred_c.to(x.dtype), prediction)
+        # offset = i, not i * numel: the offset fills the upper half of Philox's counter, so each
+        # step reads its own stream whatever the tensor's size (kernels/_philox.py).
         common = dict(eps_cond=eps_c, guidance_scale=cfg_scale, clip_x0=clip_x0, seed=seed, offset=i)
         if sampler == "ddpm":
             x = kernels.ddpm_step(x, eps, t_batch, abar, t_prev=t_prev, **common)
