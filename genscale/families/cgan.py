@@ -14,8 +14,8 @@ import torch
 
 from genscale.errors import UserError
 from genscale.families.base import DataInfo
-from genscale.families.gan import check_gan_options
 from genscale.families.gan_base import NoiseToImageGAN
+from genscale.families.gan_common import DIGITS_PRESET, NOISE_GAN_HELP, check_gan_options
 from genscale.families.gan_losses import d_loss_bce, d_loss_classes, g_loss_classes, g_loss_nonsaturating
 from genscale.models.dcgan import DCGANDiscriminator, DCGANGenerator
 
@@ -44,15 +44,14 @@ class Options:
 
 OPTION_HELP = {
     "discriminator": "classes: N+1-way classifier (N classes + fake); binary: real/fake given the label",
-    "z_dim": "dimension of the generator's noise",
+    "z_dim": NOISE_GAN_HELP["z_dim"],
     "embed_dim": "size of the label embedding fed to the generator",
     "g_width": "generator width at full resolution (DCGAN's ngf)",
     "d_width": "discriminator width at full resolution (DCGAN's ndf)",
-    "d_lr": "discriminator learning rate (0 = --lr)",
+    "d_lr": NOISE_GAN_HELP["d_lr"],
 }
 
-PRESET = {"data": "digits", "image_size": 16, "steps": 2000, "batch_size": 64, "lr": 2e-4,
-          "warmup_steps": 0, "grad_clip": 0.0, "ema_decay": 0.999, "ckpt_every": 1000, "sample_every": 500}
+PRESET = dict(DIGITS_PRESET)
 
 
 class CGAN(NoiseToImageGAN):

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from torch import nn
 
 from genscale.errors import UserError
 from genscale.families.base import DataInfo
-from genscale.families.gan import check_gan_options
-from genscale.families.gan_base import NoiseToImageGAN
-from genscale.families.gan_losses import d_loss_bce, g_loss_nonsaturating
+from genscale.families.gan_common import DIGITS_PRESET, NOISE_GAN_HELP, UnconditionalBCEGAN, check_gan_options
 from genscale.models.dcgan import DCGANDiscriminator, DCGANGenerator
 
 
@@ -34,39 +32,22 @@ class Options:
 
 
 OPTION_HELP = {
-    "z_dim": "dimension of the generator's noise",
+    **NOISE_GAN_HELP,
     "g_width": "generator width at full resolution (doubles per halving, as in DCGAN's ngf)",
     "d_width": "discriminator width at full resolution (DCGAN's ndf)",
-    "beta1": "Adam beta1 of both optimizers (0.5 as in DCGAN)",
-    "d_lr": "discriminator learning rate (0 = --lr)",
 }
 
-PRESET = {"data": "digits", "image_size": 16, "steps": 3000, "batch_size": 64, "lr": 2e-4,
-          "warmup_steps": 0, "grad_clip": 0.0, "ema_decay": 0.999, "ckpt_every": 1000, "sample_every": 500}
+PRESET = {**DIGITS_PRESET, "steps": 3000}
 
 
-class DCGAN(NoiseToImageGAN):
+class DCGAN(UnconditionalBCEGAN):
     name = "dcgan"
 
-    def __init__(self, train, options: Options, info: DataInfo):
-        super().__init__(train, info)
-        self.z_dim = options.z_dim
-        self.nets = {
+    def build_nets(self, options: Options, info: DataInfo) -> dict[str, nn.Module]:
+        return {
             "generator": DCGANGenerator(options.z_dim, info.channels, info.image_size, options.g_width),
             "discriminator": DCGANDiscriminator(info.channels, info.image_size, options.d_width),
         }
-        self.make_optimizers((options.beta1, options.beta2), options.d_lr)
-
-    def generate(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return self.nets["generator"](z)
-
-    def discriminator_loss(self, real, real_labels, fake, fake_labels):
-        d = self.nets["discriminator"]
-        real_logits, fake_logits = d(real), d(fake)
-        return d_loss_bce(real_logits, fake_logits), real_logits, fake_logits
-
-    def generator_loss(self, fake, fake_labels):
-        return g_loss_nonsaturating(self.nets["discriminator"](fake))
 
 
 FAMILY = DCGAN

@@ -17,6 +17,7 @@ from genscale.data.masks import MASK_KINDS, random_masks
 from genscale.errors import UserError
 from genscale.families.base import Batch, DataInfo, Optimize
 from genscale.families.gan_base import AdversarialFamily, eval_mode
+from genscale.families.gan_common import DIGITS_PRESET
 from genscale.families.gan_losses import d_loss_bce, g_loss_nonsaturating, masked_mse
 from genscale.families.gan_reference import load_reference, pick
 from genscale.families.pix2pix import check_image_to_image_options, check_patch_layers
@@ -59,8 +60,7 @@ OPTION_HELP = {
     "num_downs": "U-Net downsamplings (0 = log2 of the image size)",
 }
 
-PRESET = {"data": "digits", "image_size": 16, "steps": 2000, "batch_size": 64, "lr": 2e-4,
-          "warmup_steps": 0, "grad_clip": 0.0, "ema_decay": 0.999, "ckpt_every": 1000, "sample_every": 500}
+PRESET = dict(DIGITS_PRESET)
 
 
 def composite(image: torch.Tensor, prediction: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
