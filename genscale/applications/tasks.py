@@ -16,7 +16,7 @@ from genscale.errors import UserError
 
 TASKS = ("denoise", "img2img", "inpaint", "anagram", "hybrid")
 # Defaults checked on the default ddpm preset's run (docs/applications.md has the numbers).
-ANAGRAM_LABELS, HYBRID_LABELS = "6,9", "8,1"
+ANAGRAM_LABELS, HYBRID_LABELS = "6,9", "3,9"
 
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
