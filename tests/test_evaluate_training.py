@@ -15,16 +15,6 @@ from genscale.metrics.training import TrainingEvaluator
 from tests.test_evaluate_support import TINY_DDPM, DigitsFamily, ThreadGroup
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    folder = tmp_path_factory.getbasetemp() / "genscale_eval_cache"  # shared with test_fid.py
-    folder.mkdir(exist_ok=True)
-    patch = pytest.MonkeyPatch()
-    patch.setenv("GENSCALE_CACHE", str(folder))
-    yield folder
-    patch.undo()
-
-
 def run_config(model: str = "ddpm", image_size: int = 16, **train) -> RunConfig:
     module = family_module(model)
     options = module.Options(**(TINY_DDPM if model == "ddpm" else {}))
@@ -40,7 +30,7 @@ def tiny_ddpm(run: RunConfig):
     return family_module("ddpm").FAMILY(run.train, run.options, INFO)
 
 
-def test_fid_hook_tracks_the_best_score_and_leaves_the_rng_alone(cache):
+def test_fid_hook_tracks_the_best_score_and_leaves_the_rng_alone(eval_cache):
     run = run_config(eval_num=120)
     ev = TrainingEvaluator(run, INFO)
     family = tiny_ddpm(run)
@@ -73,7 +63,7 @@ def test_fid_hook_tracks_the_best_score_and_leaves_the_rng_alone(cache):
     assert (from_log.best, from_log.best_step) == (first["fid"], 10)
 
 
-def test_accuracy_and_psnr_hooks(cache):
+def test_accuracy_and_psnr_hooks(eval_cache):
     run = run_config(eval_metric="accuracy", eval_num=100)
     ev = TrainingEvaluator(run, INFO)
     good = ev(DigitsFamily(), 5)
@@ -90,7 +80,7 @@ def test_accuracy_and_psnr_hooks(cache):
     assert result["eval_num"] == 40 and math.isfinite(result["psnr"]) and result["psnr_biharmonic"] > 12
 
 
-def test_every_rank_gets_the_same_result_as_one_process(cache, monkeypatch):
+def test_every_rank_gets_the_same_result_as_one_process(eval_cache, monkeypatch):
     monkeypatch.setattr(ref_mod, "gather_objects", lambda items, acc: acc.gather_object(items) if acc else items)
     run = run_config(eval_num=90, eval_metric="kid")
     family = tiny_ddpm(run)
@@ -110,18 +100,18 @@ def test_every_rank_gets_the_same_result_as_one_process(cache, monkeypatch):
     (dict(model="gan-inpaint"), "gan-inpaint transforms input images"),
     (dict(model="pix2pix", eval_metric="kid"), "pix2pix transforms input images"),
 ])
-def test_bad_settings_fail_before_training_starts(change, message, cache):
+def test_bad_settings_fail_before_training_starts(change, message, eval_cache):
     info = DataInfo("faces", 1, 16, 2) if change.get("data") == "faces" else INFO
     with pytest.raises(UserError, match=message):
         TrainingEvaluator(run_config(**change), info)
 
 
-def test_accuracy_needs_labels(cache):
+def test_accuracy_needs_labels(eval_cache):
     with pytest.raises(UserError, match="class-conditional"):
         TrainingEvaluator(run_config(eval_metric="accuracy"), DataInfo("digits", 1, 16, 0))
 
 
-def test_missing_inception_weights_fail_before_training_starts(cache, tmp_path, monkeypatch):
+def test_missing_inception_weights_fail_before_training_starts(eval_cache, tmp_path, monkeypatch):
     import cleanfid.downloads_helper as dl
 
     monkeypatch.setenv("GENSCALE_INCEPTION_DIR", str(tmp_path))

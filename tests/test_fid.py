@@ -24,18 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    # One folder for the whole session: the judge is trained once for every evaluation test file.
-    folder = tmp_path_factory.getbasetemp() / "genscale_eval_cache"
-    folder.mkdir(exist_ok=True)
-    patch = pytest.MonkeyPatch()
-    patch.setenv("GENSCALE_CACHE", str(folder))
-    yield folder
-    patch.undo()
-
-
-@pytest.fixture(scope="module")
-def judge_ext(cache) -> FeatureExtractor:
+def judge_ext(eval_cache) -> FeatureExtractor:
     return build_extractor("judge", "digits")
 
 
@@ -150,7 +139,7 @@ def test_folder_features_go_through_clean_fids_loader_and_equal_the_array_path(j
                                atol=1e-6)
 
 
-def test_fid_of_a_folder_against_itself_is_zero(cache, tmp_path, capsys):
+def test_fid_of_a_folder_against_itself_is_zero(eval_cache, tmp_path, capsys):
     images = _upsampled_test_digits()
     _write_pngs(tmp_path / "digits", images)
     out = tmp_path / "r.json"

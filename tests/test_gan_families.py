@@ -10,6 +10,7 @@ from genscale.errors import UserError
 from genscale.families import family_module
 from genscale.families.base import DataInfo
 from genscale.families.gan_monitor import GanMonitor
+from tests.conftest import plain_optimize
 
 SMALL = {
     "gan": {"g_hidden": (32,), "d_hidden": (32,)},
@@ -45,14 +46,6 @@ def params(net: torch.nn.Module) -> list[torch.Tensor]:
 
 def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b))
-
-
-def plain_optimize(family):
-    def optimize(loss, name):
-        loss.backward()
-        family.optimizers[name].step()
-        family.optimizers[name].zero_grad(set_to_none=True)
-    return optimize
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -13,22 +13,13 @@ from genscale.families.inpaint import Inpaint, Options, masked_mse
 from genscale.inpainting import (call_inpaint, centre_box_masks, composite, load_inpainting_inputs,
                                  run_inpainting)
 from genscale.models.inpaint_unet import InpaintUNet
+from tests.conftest import plain_optimize
 
 
 def build(size: int = 8, channels: int = 1, **overrides) -> Inpaint:
     torch.manual_seed(0)
     options = Options(**{"width": 8, **overrides})
     return Inpaint(TrainConfig(model="inpaint", lr=2e-3), options, DataInfo("test", channels, size, 10))
-
-
-def plain_optimize(fam, losses=None):
-    def optimize(loss, name):
-        if losses is not None:
-            losses.append(float(loss.detach()))
-        loss.backward()
-        fam.optimizers[name].step()
-        fam.optimizers[name].zero_grad(set_to_none=True)
-    return optimize
 
 
 def images(n: int = 8, size: int = 8, channels: int = 1, seed: int = 0) -> torch.Tensor:

@@ -26,18 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    # Shared with the other evaluation test files: the judge is trained once per session.
-    folder = tmp_path_factory.getbasetemp() / "genscale_eval_cache"
-    folder.mkdir(exist_ok=True)
-    patch = pytest.MonkeyPatch()
-    patch.setenv("GENSCALE_CACHE", str(folder))
-    yield folder
-    patch.undo()
-
-
-@pytest.fixture(scope="module")
-def judge(cache) -> Judge:
+def judge(eval_cache) -> Judge:
     return load_or_train_judge("digits")
 
 
@@ -70,7 +59,7 @@ def test_split_is_the_stratified_80_20_split_of_all_digits(split):
         assert abs((test_y == c).sum() - 0.2 * (digits.target == c).sum()) <= 1
 
 
-def test_judge_reaches_97_percent_on_held_out_digits(judge, split, cache):
+def test_judge_reaches_97_percent_on_held_out_digits(judge, split, eval_cache):
     _, _, test_x, test_y = split
     print(f"judge test accuracy: {judge.test_accuracy:.4f}")
     assert judge.test_accuracy >= 0.97
@@ -78,9 +67,9 @@ def test_judge_reaches_97_percent_on_held_out_digits(judge, split, cache):
     with torch.no_grad():
         logits = judge(torch.as_tensor(test_x).float()[:, None] / 127.5 - 1)
     assert (logits.argmax(1).numpy() == test_y).mean() == pytest.approx(judge.test_accuracy)
-    meta = json.loads((cache / "judges" / "digits.json").read_text())
+    meta = json.loads((eval_cache / "judges" / "digits.json").read_text())
     assert meta["test_accuracy"] == pytest.approx(judge.test_accuracy)
-    assert (cache / "judges" / "digits.pt").is_file()
+    assert (eval_cache / "judges" / "digits.pt").is_file()
 
 
 def test_cached_judge_is_loaded_not_retrained(judge, monkeypatch):
@@ -174,13 +163,13 @@ def test_features_are_penultimate_and_size_independent(judge, split):
     torch.testing.assert_close(judge.head(f8), judge(x8))
 
 
-def test_evaluate_script_labels_real_test_digits(judge, split, tmp_path, cache):
+def test_evaluate_script_labels_real_test_digits(judge, split, tmp_path, eval_cache):
     _, _, test_x, test_y = split
     samples = tmp_path / "samples.npz"
     np.savez(samples, upsample_uint8(test_x, 16, "bilinear"), test_y)
     out = tmp_path / "result.json"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(GENSCALE_CACHE=str(cache), OMP_NUM_THREADS="1")
+    env.update(GENSCALE_CACHE=str(eval_cache), OMP_NUM_THREADS="1")
     # From another folder, without PYTHONPATH: the script must find its package itself.
     proc = subprocess.run(
         [sys.executable, str(ROOT / "genscale" / "evaluate.py"), "--samples", str(samples),

@@ -19,6 +19,7 @@ from genscale.families.vae import VAE
 from genscale.families.vae import Options as VAEOptions
 from genscale.metrics.reference import load_split
 from genscale.models.autoencoder import diffusion_latent_shape
+from tests.conftest import plain_optimize
 
 INFO = DataInfo("digits", 1, 8, 10)
 SMALL = {"base_width": 16, "timesteps": 50, "sampling_steps": 5, "scale_samples": 300}
@@ -51,16 +52,6 @@ def build(folder: Path, cache: Path, **overrides) -> LDM:
     torch.manual_seed(0)
     options = Options(**{**SMALL, "autoencoder": str(folder), **overrides})
     return LDM(TrainConfig(model="ldm", data="digits", cache_dir=str(cache), lr=1e-3), options, INFO)
-
-
-def plain_optimize(fam, losses=None):
-    def optimize(loss, name):
-        if losses is not None:
-            losses.append(float(loss.detach()))
-        loss.backward()
-        fam.optimizers[name].step()
-        fam.optimizers[name].zero_grad(set_to_none=True)
-    return optimize
 
 
 def test_latent_folding():

@@ -13,22 +13,13 @@ from genscale.families.base import DataInfo
 from genscale.families.transformer import (Options, Transformer, mask_counts, masked_patch_mse,
                                            random_token_mask)
 from genscale.models.masked_transformer import MaskedTransformer, patch_mask, patchify, unpatchify
+from tests.conftest import plain_optimize
 
 
 def build(size: int = 8, channels: int = 1, classes: int = 10, **overrides) -> Transformer:
     torch.manual_seed(0)
     options = Options(**{"dim": 32, "depth": 2, "heads": 2, **overrides})
     return Transformer(TrainConfig(model="transformer", lr=1e-3), options, DataInfo("test", channels, size, classes))
-
-
-def plain_optimize(fam, losses=None):
-    def optimize(loss, name):
-        if losses is not None:
-            losses.append(float(loss.detach()))
-        loss.backward()
-        fam.optimizers[name].step()
-        fam.optimizers[name].zero_grad(set_to_none=True)
-    return optimize
 
 
 def batch(n: int = 8, size: int = 8, channels: int = 1, seed: int = 0) -> dict:
