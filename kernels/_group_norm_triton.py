@@ -205,15 +205,21 @@ def gn_bwd_fused(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_p
 
 
 @triton.jit
-def gn_stats_partial(x_ptr, part_ptr, C, S, CHUNK, SPLIT, plane, sxn, sxc, sxs,
-                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Per-channel (mean, M2) over one spatial chunk -> part[0|1, n * SPLIT + k, c]."""
+def _chunk_tile(C, S, CHUNK, BLOCK_C: tl.constexpr):
+    """This program's sample n, channel block c (valid where cmask), chunk index k and its
+    spatial range [start, end): grid (N, channel blocks, chunks)."""
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     k = tl.program_id(2)
-    cmask = c < C
     start = k * CHUNK
-    end = tl.minimum(start + CHUNK, S)
+    return n, c, c < C, k, start, tl.minimum(start + CHUNK, S)
+
+
+@triton.jit
+def gn_stats_partial(x_ptr, part_ptr, C, S, CHUNK, SPLIT, plane, sxn, sxc, sxs,
+                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per-channel (mean, M2) over one spatial chunk -> part[0|1, n * SPLIT + k, c]."""
+    n, c, cmask, k, start, end = _chunk_tile(C, S, CHUNK, BLOCK_C)
     run_mean = tl.full((BLOCK_C,), 0.0, tl.float32)
     run_m2 = tl.full((BLOCK_C,), 0.0, tl.float32)
     for s0 in range(start, end, BLOCK_S):
@@ -272,17 +278,12 @@ def gn_apply(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, G, CG: tl.conste
              sxn, sxc, sxs, syn, syc, sys,
              HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
              BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    k = tl.program_id(2)
-    cmask = c < C
+    n, c, cmask, k, start, end = _chunk_tile(C, S, CHUNK, BLOCK_C)
     mean = tl.load(mean_ptr + n * G + c // CG, mask=cmask, other=0.0)[:, None]
     rstd = tl.load(rstd_ptr + n * G + c // CG, mask=cmask, other=0.0)[:, None]
     w, b = _params(w_ptr, b_ptr, c, cmask, HAS_W, HAS_B)
     scale = rstd * w[:, None]
     b = b[:, None]
-    start = k * CHUNK
-    end = tl.minimum(start + CHUNK, S)
     for s0 in range(start, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         m = cmask[:, None] & (s < end)[None, :]
@@ -299,17 +300,12 @@ def gn_bwd_partial(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """Per-channel sum(dz) and sum(dz * xhat) over one spatial chunk -> part[0|1, n*SPLIT+k, c]."""
-    n = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    k = tl.program_id(2)
-    cmask = c < C
+    n, c, cmask, k, start, end = _chunk_tile(C, S, CHUNK, BLOCK_C)
     mean = tl.load(mean_ptr + n * G + c // CG, mask=cmask, other=0.0)[:, None]
     rstd = tl.load(rstd_ptr + n * G + c // CG, mask=cmask, other=0.0)[:, None]
     w, b = _params(w_ptr, b_ptr, c, cmask, HAS_W, HAS_B)
     w = w[:, None]
     b = b[:, None]
-    start = k * CHUNK
-    end = tl.minimum(start + CHUNK, S)
     acc_db = tl.full((BLOCK_C, BLOCK_S), 0.0, tl.float32)
     acc_dw = tl.full((BLOCK_C, BLOCK_S), 0.0, tl.float32)
     for s0 in range(start, end, BLOCK_S):
@@ -356,10 +352,7 @@ def gn_bwd_apply(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, coef_p
                  sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos,
                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    k = tl.program_id(2)
-    cmask = c < C
+    n, c, cmask, k, start, end = _chunk_tile(C, S, CHUNK, BLOCK_C)
     gi = n * G + c // CG
     mean = tl.load(mean_ptr + gi, mask=cmask, other=0.0)[:, None]
     rstd = tl.load(rstd_ptr + gi, mask=cmask, other=0.0)[:, None]
@@ -368,8 +361,6 @@ def gn_bwd_apply(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, coef_p
     w, b = _params(w_ptr, b_ptr, c, cmask, HAS_W, HAS_B)
     w = w[:, None]
     b = b[:, None]
-    start = k * CHUNK
-    end = tl.minimum(start + CHUNK, S)
     for s0 in range(start, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         m = cmask[:, None] & (s < end)[None, :]
