@@ -37,12 +37,9 @@ def check_masks(images: torch.Tensor, masks: torch.Tensor) -> None:
 def centre_box_masks(n: int, size: int | tuple[int, int], frac: float = 0.5,
                      device: torch.device | str | None = None) -> torch.Tensor:
     """``n`` identical masks with one centred square hole of ``frac`` of each side (1 = known)."""
-    h, w = (size, size) if isinstance(size, int) else size
-    bh, bw = max(1, round(h * frac)), max(1, round(w * frac))
-    top, left = (h - bh) // 2, (w - bw) // 2
-    mask = torch.ones(n, 1, h, w, device=device)
-    mask[:, :, top:top + bh, left:left + bw] = 0.0
-    return mask
+    from genscale.data.masks import centre_masks
+
+    return centre_masks(n, size, frac=frac, device=device)
 
 
 DIFFUSION_INPAINTERS = ("ddpm", "ldm")  # RePaint (ldm refused with a reason in call_inpaint)

@@ -190,6 +190,16 @@ def test_psnr_of_an_inpainting_run_against_biharmonic(cache, tmp_path, capsys):
     assert result["known_changed"] == 0 and "known pixels changed by the model: 0 of " in printed
 
 
+def test_psnr_of_a_ddpm_run_goes_through_repaint(cache, ddpm_run, tmp_path):
+    """A ddpm run fills holes with RePaint (genscale.inpainting), keeping known pixels exactly."""
+    out = tmp_path / "p.json"
+    assert evaluate.main(["--run", str(ddpm_run), "--metric", "psnr", "--num", "6", "--mask", "centre",
+                          "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["num"] == 6 and result["mask"] == "centre" and result["hole_fraction"] == 0.25
+    assert result["known_changed"] == 0 and result["known_values"] == 6 * 48
+
+
 def test_psnr_rows_equal_psnr_of_a_biharmonic_family(cache):
     class Biharmonic:
         name = "biharmonic"
@@ -240,7 +250,7 @@ def test_classes_sees_every_digit_in_real_images_and_one_in_a_collapsed_set(cach
     assert "classes present: 1 of 10 (50 samples" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("case", ["fid_on_inpainting", "psnr_on_ddpm", "psnr_on_samples", "no_run",
+@pytest.mark.parametrize("case", ["fid_on_inpainting", "psnr_on_gan", "psnr_on_samples", "no_run",
                                   "unknown_judge", "accuracy_without_labels", "nelbo_on_ddpm"])
 def test_errors_are_one_line(case, cache, ddpm_run, tmp_path, capsys):
     samples = tmp_path / "s.npz"
@@ -248,7 +258,7 @@ def test_errors_are_one_line(case, cache, ddpm_run, tmp_path, capsys):
     argv = {
         "fid_on_inpainting": ["--run", str(make_run(tmp_path / "i", model="gan-inpaint", image_size=16, g_width=8,
                                                     d_width=8)), "--metric", "fid"],
-        "psnr_on_ddpm": ["--run", str(ddpm_run), "--metric", "psnr", "--num", "4"],
+        "psnr_on_gan": ["--run", str(make_run(tmp_path / "g", model="gan")), "--metric", "psnr", "--num", "4"],
         "psnr_on_samples": ["--samples", str(samples), "--metric", "psnr"],
         "no_run": ["--run", str(tmp_path / "absent")],
         "unknown_judge": ["--samples", str(samples), "--dataset", "faces"],
@@ -258,7 +268,7 @@ def test_errors_are_one_line(case, cache, ddpm_run, tmp_path, capsys):
     assert evaluate.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("evaluate.py: error: "), err
-    expected = {"fid_on_inpainting": "gan-inpaint transforms input images", "psnr_on_ddpm": "needs an inpainting run",
+    expected = {"fid_on_inpainting": "gan-inpaint transforms input images", "psnr_on_gan": "gan cannot fill holes",
                 "psnr_on_samples": "needs --run", "no_run": "does not exist", "unknown_judge": "'faces'",
                 "accuracy_without_labels": "intended class", "nelbo_on_ddpm": "needs --run with a vae run"}[case]
     assert expected in err[0]

@@ -2,14 +2,13 @@
 
 For each held-out image a mask is drawn (genscale.data.masks, 1 = known, 0 = hole) from a
 generator seeded by (seed, chunk), the run fills the holes through ``family.inpaint(images,
-masks[, generator])`` and scikit-image's ``inpaint_biharmonic`` fills the same holes. The score
+masks[, generator])`` (RePaint for a ddpm run, genscale.inpainting.call_inpaint) and scikit-image's ``inpaint_biharmonic`` fills the same holes. The score
 is the PSNR over all hole pixels together: 10 log10(2^2 / MSE) in the [-1, 1] range, MSE pooled
 over every hole pixel of every image (a per-image mean would be +inf as soon as one hole lies
 entirely on a flat background that a model fills exactly).
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import numpy as np
@@ -22,18 +21,11 @@ DATA_RANGE = 2.0
 
 
 def check_inpainting_family(family) -> None:
-    if not callable(getattr(family, "inpaint", None)):
-        raise UserError(f"--metric psnr needs an inpainting run (a model with inpaint(images, masks)); "
-                        f"{getattr(family, 'name', type(family).__name__)} has none.")
+    from genscale.inpainting import can_inpaint
 
-
-def call_inpaint(family, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``family.inpaint`` with the generator when it takes one (stochastic fillers such as
-    RePaint need it; gan-inpaint's is deterministic and takes none)."""
-    params = inspect.signature(family.inpaint).parameters
-    if "generator" in params:
-        return family.inpaint(images, masks, generator=generator)
-    return family.inpaint(images, masks)
+    if not can_inpaint(family):
+        raise UserError(f"--metric psnr needs an inpainting run (inpaint, gan-inpaint, transformer, or a ddpm "
+                        f"run through RePaint); {getattr(family, 'name', type(family).__name__)} cannot fill holes.")
 
 
 def biharmonic_fill(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -66,6 +58,7 @@ def inpainting_rows(family, images: np.ndarray, mask_kind: str, seed: int) -> Ch
     """Chunk -> rows [model SSE, biharmonic SSE, hole values, known values the model changed]
     for uint8 NHWC test ``images`` (the last is 0 for a filler that keeps known pixels bit for bit)."""
     from genscale.data.masks import random_masks
+    from genscale.inpainting import call_inpaint
 
     def rows(k: int, start: int, stop: int) -> torch.Tensor:
         x = torch.from_numpy(images[start:stop]).permute(0, 3, 1, 2).float() / 127.5 - 1
