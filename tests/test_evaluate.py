@@ -28,13 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    folder = tmp_path_factory.getbasetemp() / "genscale_eval_cache"  # shared with test_fid.py
-    folder.mkdir(exist_ok=True)
-    patch = pytest.MonkeyPatch()
-    patch.setenv("GENSCALE_CACHE", str(folder))
-    yield folder
-    patch.undo()
+def cache(eval_cache):
+    return eval_cache  # tests/conftest.py: one GENSCALE_CACHE shared with test_fid.py and test_judge.py
 
 
 @pytest.fixture(scope="module")
