@@ -94,6 +94,7 @@ def test_every_rank_gets_the_same_result_as_one_process(eval_cache, monkeypatch)
 
 @pytest.mark.parametrize("change, message", [
     (dict(eval_metric="lpips"), "--eval-metric must be one of"),
+    (dict(eval_metric="nelbo"), "--eval-metric must be one of fid, kid, accuracy, psnr,"),  # evaluate.py only
     (dict(eval_num=1), "--eval-num must be at least 2"),
     (dict(eval_features="clip"), "--eval-features must be one of"),
     (dict(data="faces"), "No judge classifier is defined for the data set 'faces'"),

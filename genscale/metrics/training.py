@@ -22,10 +22,11 @@ import time
 import torch
 
 from genscale.errors import UserError
-from genscale.metrics.evaluation import (METRICS, EvalSetup, Evaluator, family_images, intended_labels,
-                                         needs_input_images)
+from genscale.metrics.evaluation import EvalSetup, Evaluator, family_images, intended_labels, needs_input_images
 
+# The metrics a run can track while it trains (evaluate.py has more: classes, nelbo).
 HIGHER_IS_BETTER = {"fid": False, "kid": False, "accuracy": True, "psnr": True}
+METRICS = tuple(HIGHER_IS_BETTER)
 
 
 class TrainingEvaluator:
