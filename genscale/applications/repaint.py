@@ -11,6 +11,7 @@ Positions index ``steps`` strided timesteps (the paper uses T = 250 steps, jumps
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from genscale.applications.model import DiffusionModel
 from genscale.diffusion.samplers import ddim_step, randn, strided_timesteps
@@ -24,7 +25,7 @@ def repaint_schedule(steps: int, jump_length: int = 10, jump_count: int = 10) ->
     ``jump_count - 1`` times by ``j`` forward steps before the walk passes it for good.
     """
     if steps < 1 or jump_length < 1 or jump_count < 1:
-        raise UserError("RePaint needs --sampling-steps, --jump-length and --jump-count of at least 1")
+        raise UserError("RePaint needs --steps, --jump-length and --jump-count of at least 1")
     remaining = {p: jump_count - 1 for p in range(0, steps - jump_length, jump_length)}
     path, p = [steps - 1], steps - 1
     while p > 0:
@@ -41,8 +42,9 @@ def repaint_schedule(steps: int, jump_length: int = 10, jump_count: int = 10) ->
 @torch.no_grad()
 def repaint(dm: DiffusionModel, images: torch.Tensor, masks: torch.Tensor, *, steps: int = 250,
             jump_length: int = 10, jump_count: int = 10, labels: torch.Tensor | None = None,
-            cfg_scale: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Fill the holes (mask 0) of ``images`` in [-1, 1]; known pixels come back as the input's."""
+            cfg_scale: float = 1.0, generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+    """Fill the holes (mask 0) of ``images`` in [-1, 1]; known pixels come back as the input's.
+    ``progress`` shows a bar over the walk (about steps x jump_count model calls)."""
     dm.require_pixels("inpaint")
     x0 = images.to(dm.device, torch.float32)
     m = masks.to(dm.device, torch.float32).expand_as(x0)
@@ -55,7 +57,7 @@ def repaint(dm: DiffusionModel, images: torch.Tensor, masks: torch.Tensor, *, st
 
     x = randn(x0.shape, generator, dm.device)
     x = m * known_at(path[0]) + (1 - m) * x
-    for a, b in zip(path[:-1], path[1:]):
+    for a, b in tqdm(list(zip(path[:-1], path[1:])), desc="RePaint", disable=not progress, leave=False):
         abar_a = dm.abar(grid[a])
         if b < a:  # one reverse step, then the known pixels at the new level
             eps = dm.eps(x, grid[a], labels, cfg_scale)

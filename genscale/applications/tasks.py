@@ -66,7 +66,7 @@ def run_task(args: argparse.Namespace) -> list[Path]:
         if not args.input or not args.mask:
             raise UserError("--task inpaint needs --input IMAGES.npz and --mask MASKS.npz")
         options = dict(steps=args.steps or 100, jump_length=args.jump_length, jump_count=args.jump_count,
-                       labels=args.labels, cfg_scale=args.cfg_scale)
+                       labels=args.labels, cfg_scale=args.cfg_scale, progress=True)
         return inpaint_task(args.run, args.input, args.mask, args.out, args.seed, args.batch_size, options=options)
     if args.mask:
         raise UserError("--mask goes with --task inpaint")
