@@ -1,10 +1,14 @@
-"""Evaluate a run or a set of samples: FID/KID (clean-fid), judge accuracy and class coverage,
-inpainting PSNR, a VAE's negative ELBO.
+"""Evaluate a run or a set of samples: FID/KID, judge accuracy and coverage, PSNR, L1, ELBO.
+
+FID and KID go through clean-fid; the judge scores class-conditional samples (accuracy) and
+unconditional ones (classes); psnr fills holes of held-out images (inpainting runs); translation
+scores an image-to-image run against copying its input; nelbo is a VAE's held-out bound.
 
     python genscale/evaluate.py --run runs/ddpm --metric fid --num 1000
     python genscale/evaluate.py --run runs/vae --metric classes --num 200
     python genscale/evaluate.py --run runs/vae --metric nelbo
     python genscale/evaluate.py --run runs/inpaint --metric psnr --mask centre
+    python genscale/evaluate.py --run runs/pix2pix --metric translation
     accelerate launch genscale/evaluate.py --run runs/ddpm --metric kid --features inception
     python genscale/evaluate.py --samples samples.npz --metric accuracy
     python genscale/evaluate.py --samples FOLDER --reference FOLDER --metric fid
@@ -176,6 +180,10 @@ def evaluate(args: argparse.Namespace, acc) -> dict:
                             "transforms input images.")
         source = family_images(family, labels, args.seed, opts) if family is not None else array_images(images)
         result = ev.classes(source, num, desc)
+    elif args.metric == "translation":
+        if family is None or not hasattr(family, "translate"):
+            raise UserError("--metric translation needs --run with an image-to-image run (pix2pix).")
+        result = ev.translation(family, args.num if args.num_given else None, desc)
     elif args.metric == "nelbo":
         if family is None or not hasattr(family, "test_elbo"):
             raise UserError("--metric nelbo needs --run with a vae run (one that has an evidence lower bound).")
@@ -232,6 +240,12 @@ def describe(result: dict) -> list[str]:
             f"judge-predicted histogram: {hist}",
             f"real images ({result['floor_num']} of {result['floor_source']}): {real}",
         ]
+    if metric == "translation":
+        return [
+            f"translation: L1 {result['l1']:.4f}, PSNR {result['psnr']:.3f} dB ({result['num']} held-out pairs of "
+            f"{result['reference']})",
+            f"baseline, copying the input: L1 {result['l1_copy']:.4f}, PSNR {result['psnr_copy']:.3f} dB",
+        ]
     if metric == "nelbo":
         return [
             f"negative ELBO: {result['nelbo_nats']:.3f} nats per image, {result['bits_per_dim']:.4f} bits/dim "
@@ -274,6 +288,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.num is not None and args.num <= 0:
         parser.error("--num must be positive")
+    args.num_given = args.num is not None
     if args.run and args.num is None:
         args.num = DEFAULT_NUM
     if args.chunk_size <= 0:

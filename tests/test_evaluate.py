@@ -195,6 +195,35 @@ def test_psnr_of_a_ddpm_run_goes_through_repaint(cache, ddpm_run, tmp_path):
     assert result["known_changed"] == 0 and result["known_values"] == 6 * 48
 
 
+def test_translation_scores_against_the_targets_and_the_copy_baseline():
+    """L1 and PSNR pooled over every value of the held-out pairs, against float64 formulas."""
+    gen = torch.Generator().manual_seed(0)
+    source = torch.rand(7, 1, 6, 6, generator=gen) * 2 - 1  # grey inputs, colour targets
+    target = (torch.rand(7, 3, 6, 6, generator=gen) * 2 - 1).clamp(-1, 1)
+    shift = torch.randn(7, 3, 6, 6, generator=gen) * 0.1
+
+    class Translator:
+        name = "pix2pix"
+
+        def reference(self):
+            return {"source": source, "image": target}
+
+        def translate(self, s):  # looks its pairs up by content, so any chunking must give the same sums
+            index = [int((source == x).flatten(1).all(1).nonzero()) for x in s]
+            return (target[index] + shift[index]).clamp(-1, 1)
+
+    ev = Evaluator(EvalSetup(metric="translation", reference="photos-paired", chunk_size=3))
+    result = ev.translation(Translator(), None)
+    out, copy = (target + shift).clamp(-1, 1).double(), source.double().expand(-1, 3, -1, -1)
+    assert result["num"] == 7
+    assert result["l1"] == pytest.approx(float((out - target.double()).abs().mean()), rel=1e-6)
+    assert result["psnr"] == pytest.approx(10 * np.log10(4 / float((out - target.double()).square().mean())), rel=1e-6)
+    assert result["l1_copy"] == pytest.approx(float((copy - target.double()).abs().mean()), rel=1e-6)
+    assert result["psnr_copy"] == pytest.approx(10 * np.log10(4 / float((copy - target.double()).square().mean())),
+                                                rel=1e-6)
+    assert ev.translation(Translator(), 4)["num"] == 4
+
+
 def test_psnr_rows_equal_psnr_of_a_biharmonic_family(cache):
     class Biharmonic:
         name = "biharmonic"
@@ -246,7 +275,8 @@ def test_classes_sees_every_digit_in_real_images_and_one_in_a_collapsed_set(cach
 
 
 @pytest.mark.parametrize("case", ["fid_on_inpainting", "psnr_on_gan", "psnr_on_samples", "no_run",
-                                  "unknown_judge", "accuracy_without_labels", "nelbo_on_ddpm"])
+                                  "unknown_judge", "accuracy_without_labels", "nelbo_on_ddpm",
+                                  "translation_on_ddpm"])
 def test_errors_are_one_line(case, cache, ddpm_run, tmp_path, capsys):
     samples = tmp_path / "s.npz"
     np.savez(samples, np.zeros((4, 8, 8, 1), np.uint8))
@@ -259,13 +289,15 @@ def test_errors_are_one_line(case, cache, ddpm_run, tmp_path, capsys):
         "unknown_judge": ["--samples", str(samples), "--dataset", "faces"],
         "accuracy_without_labels": ["--samples", str(samples), "--metric", "accuracy"],
         "nelbo_on_ddpm": ["--run", str(ddpm_run), "--metric", "nelbo"],
+        "translation_on_ddpm": ["--run", str(ddpm_run), "--metric", "translation"],
     }[case]
     assert evaluate.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("evaluate.py: error: "), err
     expected = {"fid_on_inpainting": "gan-inpaint transforms input images", "psnr_on_gan": "gan cannot fill holes",
                 "psnr_on_samples": "needs --run", "no_run": "does not exist", "unknown_judge": "'faces'",
-                "accuracy_without_labels": "intended class", "nelbo_on_ddpm": "needs --run with a vae run"}[case]
+                "accuracy_without_labels": "intended class", "nelbo_on_ddpm": "needs --run with a vae run",
+                "translation_on_ddpm": "image-to-image run (pix2pix)"}[case]
     assert expected in err[0]
 
 

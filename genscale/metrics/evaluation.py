@@ -13,6 +13,7 @@ samples, the histogram of the real images. Every rank gets the same result dict.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -26,7 +27,7 @@ from genscale.metrics.reference import (RealFeatures, folder_features, is_image_
                                         split_features)
 from genscale.metrics.sharded import NOISE, SAMPLES, any_rank, chunk_generator, sharded_rows
 
-METRICS = ("fid", "kid", "accuracy", "classes", "psnr", "nelbo")
+METRICS = ("fid", "kid", "accuracy", "classes", "psnr", "translation", "nelbo")
 DISTANCES = ("fid", "kid")
 DEFAULT_CHUNK = 100
 T = TypeVar("T")
@@ -258,6 +259,31 @@ class Evaluator:
                 "floor_histogram": real_hist.tolist(), "floor_num": int(len(real)),
                 "floor_source": f"{s.reference} {s.split}", "judge_dataset": dataset,
                 "judge_test_accuracy": judge.test_accuracy}
+
+    def translation(self, family, num: int | None, desc: str = "") -> dict:
+        """L1 and PSNR of an image-to-image run's translations of the held-out pairs against their
+        targets, beside the baseline of copying the input (what the model must beat)."""
+        from genscale.families.pix2pix import match_channels
+
+        pairs = self._main_first(family.reference)
+        sources, targets = pairs["source"], pairs["image"]
+        n = len(targets) if num is None else min(num, len(targets))
+
+        def rows(k: int, start: int, stop: int) -> torch.Tensor:
+            out = family.translate(sources[start:stop]).float().cpu()
+            target = targets[start:stop].float()
+            copy = match_channels(sources[start:stop].float(), target.shape[1])
+            per_image = [(out - target).abs(), (out - target).square(), (copy - target).abs(), (copy - target).square()]
+            return torch.stack([e.flatten(1).sum(1).double() for e in per_image], 1)
+
+        sums = sharded_rows(n, self.setup.chunk_size, 4, rows, self.acc, desc).sum(0)
+        values = n * int(targets[0].numel())
+
+        def db(sse: float) -> float:
+            return 10 * math.log10(2.0 ** 2 / (sse / values)) if sse > 0 else math.inf  # images in [-1, 1]
+
+        return {"l1": float(sums[0] / values), "psnr": db(float(sums[1])), "l1_copy": float(sums[2] / values),
+                "psnr_copy": db(float(sums[3])), "num": int(n), "reference": f"{self.setup.reference} test"}
 
     def psnr(self, family, num: int, mask_kind: str, desc: str = "") -> dict:
         """Hole PSNR of an inpainting family vs biharmonic inpainting on the reference split."""
