@@ -233,8 +233,11 @@ class Trainer:
             self.write_final_metrics()
             plot_losses(self.metrics.read(), self.out / "loss_curve.png")
             acc.print(f"finished {cfg.steps} steps; weights, grids and metrics are in {self.out}")
-        if end_training:  # ends trackers and the process group; a run that follows keeps them
+        if end_training:  # ends the trackers and the process group
             acc.end_training()
+        else:  # a run follows in this launch (ldm after its autoencoder): keep the process group
+            for tracker in acc.trackers:
+                tracker.finish()
         return 0
 
     def _eval_due(self, done: int) -> bool:
