@@ -187,7 +187,7 @@ def evaluate(args: argparse.Namespace, acc) -> dict:
     elif args.metric == "nelbo":
         if family is None or not hasattr(family, "test_elbo"):
             raise UserError("--metric nelbo needs --run with a vae run (one that has an evidence lower bound).")
-        result = {k: v for k, v in family.test_elbo(args.reference_split, args.seed).items()}
+        result = dict(family.test_elbo(args.reference_split, args.seed))
     else:
         if family is None:
             raise UserError("--metric psnr needs --run (an inpainting run), not --samples.")
