@@ -113,22 +113,27 @@ class DDPM(Family):
     @torch.no_grad()
     def sample(self, n, labels=None, generator=None, cfg_scale=None, sampler=None, sampling_steps=None,
                eta=None, progress=False, **_):
-        net = self.nets["model"]
-        was_training = net.training
-        net.eval()
-        scale = self.opts.cfg_scale if cfg_scale is None else cfg_scale
-        common = dict(labels=labels if self.num_classes else None, num_classes=self.num_classes,
-                      cfg_scale=scale, prediction=self.opts.prediction, generator=generator,
-                      device=self.device, progress=progress)
-        shape = (n, *self.shape)
-        if (sampler or self.opts.sampler) == "ddpm":
-            x = ddpm_sample(self._model_fn, shape, self.schedule, **common)
-        else:
-            x = ddim_sample(self._model_fn, shape, self.schedule,
-                            steps=sampling_steps or self.opts.sampling_steps,
-                            eta=self.opts.eta if eta is None else eta, **common)
-        net.train(was_training)
-        return x.clamp(-1, 1)
+        return reverse_process(self, (n, *self.shape), labels, generator, cfg_scale, sampler, sampling_steps, eta,
+                               progress).clamp(-1, 1)
 
+
+@torch.no_grad()
+def reverse_process(family, shape, labels=None, generator=None, cfg_scale=None, sampler=None, sampling_steps=None,
+                    eta=None, progress=False, clip_x0: bool = True) -> torch.Tensor:
+    """The sampler a diffusion family's options (or the call's overrides) pick, run with the network
+    in eval mode; shared by ddpm (pixels) and ldm (latents, ``clip_x0`` False)."""
+    opts, net = family.opts, family.nets["model"]
+    was_training = net.training
+    net.eval()
+    common = dict(labels=labels if family.num_classes else None, num_classes=family.num_classes,
+                  cfg_scale=opts.cfg_scale if cfg_scale is None else cfg_scale, prediction=opts.prediction,
+                  generator=generator, device=family.device, progress=progress, clip_x0=clip_x0)
+    if (sampler or opts.sampler) == "ddpm":
+        x = ddpm_sample(family._model_fn, shape, family.schedule, **common)
+    else:
+        x = ddim_sample(family._model_fn, shape, family.schedule, steps=sampling_steps or opts.sampling_steps,
+                        eta=opts.eta if eta is None else eta, **common)
+    net.train(was_training)
+    return x
 
 FAMILY = DDPM

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from genscale.diffusion.losses import diffusion_loss
-from genscale.diffusion.samplers import ddim_sample, ddpm_sample
 from genscale.diffusion.schedule import NoiseSchedule
 from genscale.errors import UserError
 from genscale.families import ddpm
@@ -167,21 +166,8 @@ class LDM(Family):
     def sample_latents(self, n, labels=None, generator=None, cfg_scale=None, sampler=None, sampling_steps=None,
                        eta=None, progress=False) -> torch.Tensor:
         """Scaled (folded) latents from the reverse process, x0 unclipped."""
-        net = self.nets["model"]
-        was_training = net.training
-        net.eval()
-        scale = self.opts.cfg_scale if cfg_scale is None else cfg_scale
-        common = dict(labels=labels if self.num_classes else None, num_classes=self.num_classes,
-                      cfg_scale=scale, prediction=self.opts.prediction, generator=generator,
-                      device=self.device, progress=progress, clip_x0=False)
-        shape = (n, *self.model.shape)
-        if (sampler or self.opts.sampler) == "ddpm":
-            z = ddpm_sample(self._model_fn, shape, self.schedule, **common)
-        else:
-            z = ddim_sample(self._model_fn, shape, self.schedule, steps=sampling_steps or self.opts.sampling_steps,
-                            eta=self.opts.eta if eta is None else eta, **common)
-        net.train(was_training)
-        return z
+        return ddpm.reverse_process(self, (n, *self.model.shape), labels, generator, cfg_scale, sampler,
+                                    sampling_steps, eta, progress, clip_x0=False)
 
     @torch.no_grad()
     def sample(self, n, labels=None, generator=None, cfg_scale=None, sampler=None, sampling_steps=None,
