@@ -30,7 +30,11 @@ def _geometry(x: torch.Tensor) -> tuple[int, int, int, dict, tuple]:
         block_s = max(4, min(_pow2(s), 1024))
         block_c = min(_pow2(c), max(1, 2048 // block_s))
     meta = dict(BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4 if block_c * block_s <= 1024 else 8)
-    return n, c, s, meta, (n, _cdiv(c, block_c), _cdiv(s, block_s))
+    grid = (_cdiv(s, block_s), _cdiv(c, block_c), n)
+    if max(grid[1:]) > 65535:  # CUDA's limit on grid axes 1 and 2
+        raise ValueError(f"the noise kernels take at most 65535 samples and {65535 * block_c} channels; "
+                         f"got N={n}, C={c}")
+    return n, c, s, meta, grid
 
 
 def _rng(seed: int, offset: int) -> tuple[int, int, int, int]:
@@ -62,7 +66,7 @@ def q_sample(x0: torch.Tensor, noise: Optional[torch.Tensor], t: torch.Tensor, a
         return out
     e, es = _strides(noise) if noise is not None else (x0, xs)
     n, c, s, meta, grid = _geometry(x0)
-    k.q_sample_kernel[grid](x0, e, out, t, abar, c, s, _cdiv(s, 4), *_rng(seed, offset),
+    k.q_sample_kernel[grid](x0, e, out, t, abar, abar.shape[0], c, s, _cdiv(s, 4), *_rng(seed, offset),
                             *xs, *es, *ncs_strides(out), HAS_EPS=noise is not None, enable_fp_fusion=False,
                             **meta)
     return out
@@ -107,7 +111,8 @@ def ddpm_step(x: torch.Tensor, eps: torch.Tensor, eps_cond: Optional[torch.Tenso
     if out.numel() == 0:
         return out
     n, c, s, meta, grid = _geometry(x)
-    k.ddpm_step_kernel[grid](x, eps, ec, out, t, t_prev, abar, float(scale), c, s, _cdiv(s, 4), *_rng(seed, offset),
+    k.ddpm_step_kernel[grid](x, eps, ec, out, t, t_prev, abar, abar.shape[0], float(scale), c, s, _cdiv(s, 4),
+                             *_rng(seed, offset),
                              *xs, *es, *cs, *ncs_strides(out), CFG=eps_cond is not None, CLIP=clip,
                              LARGE_VAR=large_var, **meta)
     return out
@@ -125,7 +130,8 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, eps_cond: Optional[torch.Tenso
     if out.numel() == 0:
         return out
     n, c, s, meta, grid = _geometry(x)
-    k.ddim_step_kernel[grid](x, eps, ec, out, t, t_prev, abar, float(scale), float(eta), c, s, _cdiv(s, 4),
+    k.ddim_step_kernel[grid](x, eps, ec, out, t, t_prev, abar, abar.shape[0], float(scale), float(eta), c, s,
+                             _cdiv(s, 4),
                              *_rng(seed, offset), *xs, *es, *cs, *ncs_strides(out),
                              CFG=eps_cond is not None, CLIP=clip, **meta)
     return out

@@ -57,11 +57,21 @@ def _normal_tile(k0, k1, o0, o1, n, c, C, SQ, q0, BLOCK_C: tl.constexpr, BLOCK_S
 
 @triton.jit
 def _tile(C, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
+    # Spatial tiles on grid axis 0 (up to 2^31 - 1 programs); axes 1 and 2 (channel blocks, samples)
+    # are capped at 65535 by CUDA, which large channels_last maps would exceed for spatial tiles.
+    n = tl.program_id(2).to(tl.int64)
     c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    s = tl.program_id(2) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     mask = (c < C)[:, None] & (s < S)[None, :]
     return n, c, s, mask
+
+
+@triton.jit
+def _abar_at(abar_ptr, t, T):
+    """abar[t] in fp64, NaN when t is outside [0, T): a bad timestep on the GPU poisons its sample's
+    output instead of reading outside the table (checking on the host would cost a sync)."""
+    a = tl.load(abar_ptr + tl.minimum(tl.maximum(t, 0), T - 1)).to(tl.float64)
+    return tl.where((t >= 0) & (t < T), a, float("nan"))
 
 
 @triton.jit
@@ -74,17 +84,17 @@ def normal_kernel(out_ptr, C, S, SQ, k0, k1, o0, o1, son, soc, sos,
                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
     k0, k1, o0, o1 = _rng_key(k0, k1, o0, o1)
-    eps = _normal_tile(k0, k1, o0, o1, n, c, C, SQ, tl.program_id(2) * (BLOCK_S // 4), BLOCK_C, BLOCK_S)
+    eps = _normal_tile(k0, k1, o0, o1, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4), BLOCK_C, BLOCK_S)
     tl.store(out_ptr + n * son + c[:, None] * soc + s[None, :] * sos, eps.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=_RNG_ARGS)
-def q_sample_kernel(x_ptr, e_ptr, out_ptr, t_ptr, abar_ptr, C, S, SQ, k0, k1, o0, o1,
+def q_sample_kernel(x_ptr, e_ptr, out_ptr, t_ptr, abar_ptr, T, C, S, SQ, k0, k1, o0, o1,
                     sxn, sxc, sxs, sen, sec, ses, son, soc, sos,
                     HAS_EPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """x_t = sqrt(abar[t_n]) x0 + sqrt(1 - abar[t_n]) eps, eps loaded or drawn."""
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
-    a = tl.load(abar_ptr + tl.load(t_ptr + n)).to(tl.float64)
+    a = _abar_at(abar_ptr, tl.load(t_ptr + n), T)
     ca = tl.sqrt(a).to(tl.float32)
     cb = tl.sqrt(1.0 - a).to(tl.float32)
     x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
@@ -92,7 +102,7 @@ def q_sample_kernel(x_ptr, e_ptr, out_ptr, t_ptr, abar_ptr, C, S, SQ, k0, k1, o0
         eps = tl.load(e_ptr + n * sen + c[:, None] * sec + s[None, :] * ses, mask=mask, other=0.0).to(tl.float32)
     else:
         r0, r1, r2, r3 = _rng_key(k0, k1, o0, o1)
-        eps = _normal_tile(r0, r1, r2, r3, n, c, C, SQ, tl.program_id(2) * (BLOCK_S // 4), BLOCK_C, BLOCK_S)
+        eps = _normal_tile(r0, r1, r2, r3, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4), BLOCK_C, BLOCK_S)
     out = ca * x + cb * eps
     tl.store(out_ptr + n * son + c[:, None] * soc + s[None, :] * sos, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -103,14 +113,14 @@ def eps_loss_fwd_kernel(p_ptr, part_ptr, C, S, SQ, k0, k1, o0, o1, spn, spc, sps
     """One partial sum of (pred - eps)^2 or |pred - eps| per program; the host adds them in order."""
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
     k0, k1, o0, o1 = _rng_key(k0, k1, o0, o1)
-    eps = _normal_tile(k0, k1, o0, o1, n, c, C, SQ, tl.program_id(2) * (BLOCK_S // 4), BLOCK_C, BLOCK_S)
+    eps = _normal_tile(k0, k1, o0, o1, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4), BLOCK_C, BLOCK_S)
     p = tl.load(p_ptr + n * spn + c[:, None] * spc + s[None, :] * sps, mask=mask, other=0.0).to(tl.float32)
     d = tl.where(mask, p - eps, 0.0)
     if L1:
         v = tl.abs(d)
     else:
         v = d * d
-    pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+    pid = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
     tl.store(part_ptr + pid, tl.reduce(tl.reduce(v, 1, _sum), 0, _sum))
 
 
@@ -121,7 +131,7 @@ def eps_loss_bwd_kernel(p_ptr, g_ptr, dp_ptr, scale, C, S, SQ, k0, k1, o0, o1,
     """dpred = g * scale * (2 (pred - eps) | sign(pred - eps)); eps drawn again, never stored."""
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
     k0, k1, o0, o1 = _rng_key(k0, k1, o0, o1)
-    eps = _normal_tile(k0, k1, o0, o1, n, c, C, SQ, tl.program_id(2) * (BLOCK_S // 4), BLOCK_C, BLOCK_S)
+    eps = _normal_tile(k0, k1, o0, o1, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4), BLOCK_C, BLOCK_S)
     p = tl.load(p_ptr + n * spn + c[:, None] * spc + s[None, :] * sps, mask=mask, other=0.0).to(tl.float32)
     d = p - eps
     g = tl.load(g_ptr).to(tl.float32) * scale
@@ -142,16 +152,16 @@ def _guided_eps(eu_ptr, ec_ptr, scale, n, c, s, mask, seun, seuc, seus, secn, se
 
 
 @triton.jit(do_not_specialize=_RNG_ARGS)
-def ddpm_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, tp_ptr, abar_ptr, scale, C, S, SQ, k0, k1, o0, o1,
+def ddpm_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, tp_ptr, abar_ptr, T, scale, C, S, SQ, k0, k1, o0, o1,
                      sxn, sxc, sxs, seun, seuc, seus, secn, secc, secs, son, soc, sos,
                      CFG: tl.constexpr, CLIP: tl.constexpr, LARGE_VAR: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """Ancestral step t -> t_prev (t - 1, or a strided step; < 0: the last, noiseless step):
     posterior mean from x0_hat (optionally clipped) + sigma z."""
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
-    a_t = tl.load(abar_ptr + tl.load(t_ptr + n)).to(tl.float64)
+    a_t = _abar_at(abar_ptr, tl.load(t_ptr + n), T)
     tp = tl.load(tp_ptr + n)
-    a_prev = tl.where(tp >= 0, tl.load(abar_ptr + tl.maximum(tp, 0)).to(tl.float64), 1.0)
+    a_prev = tl.where(tp >= 0, _abar_at(abar_ptr, tp, T), 1.0)
     alpha = a_t / a_prev
     beta = 1.0 - alpha
     cx = (1.0 / tl.sqrt(a_t)).to(tl.float32)
@@ -171,21 +181,21 @@ def ddpm_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, tp_ptr, abar_ptr, sc
     out = m1 * x0 + m2 * x
     if tp >= 0:  # the last step adds no noise
         r0, r1, r2, r3 = _rng_key(k0, k1, o0, o1)
-        z = _normal_tile(r0, r1, r2, r3, n, c, C, SQ, tl.program_id(2) * (BLOCK_S // 4), BLOCK_C, BLOCK_S)
+        z = _normal_tile(r0, r1, r2, r3, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4), BLOCK_C, BLOCK_S)
         out = out + sigma * z
     tl.store(out_ptr + n * son + c[:, None] * soc + s[None, :] * sos, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=_RNG_ARGS)
-def ddim_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, tp_ptr, abar_ptr, scale, eta, C, S, SQ,
+def ddim_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, tp_ptr, abar_ptr, T, scale, eta, C, S, SQ,
                      k0, k1, o0, o1, sxn, sxc, sxs, seun, seuc, seus, secn, secc, secs, son, soc, sos,
                      CFG: tl.constexpr, CLIP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """DDIM step t -> t_prev (t_prev < 0 means abar = 1): sqrt(a') x0 + sqrt(1 - a' - sig^2) eps + sig z.
     With CLIP, x0 is clamped and eps recomputed from it, so that the two stay consistent."""
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
-    a_t = tl.load(abar_ptr + tl.load(t_ptr + n)).to(tl.float64)
+    a_t = _abar_at(abar_ptr, tl.load(t_ptr + n), T)
     tp = tl.load(tp_ptr + n)
-    a_p = tl.where(tp >= 0, tl.load(abar_ptr + tl.maximum(tp, 0)).to(tl.float64), 1.0)
+    a_p = tl.where(tp >= 0, _abar_at(abar_ptr, tp, T), 1.0)
     sig = eta * tl.sqrt((1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p))
     cx = (1.0 / tl.sqrt(a_t)).to(tl.float32)
     ce = tl.sqrt((1.0 - a_t) / a_t).to(tl.float32)
@@ -201,6 +211,6 @@ def ddim_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, tp_ptr, abar_ptr, sc
     out = c_x0 * x0 + c_dir * eps
     if sigma > 0:
         r0, r1, r2, r3 = _rng_key(k0, k1, o0, o1)
-        z = _normal_tile(r0, r1, r2, r3, n, c, C, SQ, tl.program_id(2) * (BLOCK_S // 4), BLOCK_C, BLOCK_S)
+        z = _normal_tile(r0, r1, r2, r3, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4), BLOCK_C, BLOCK_S)
         out = out + sigma * z
     tl.store(out_ptr + n * son + c[:, None] * soc + s[None, :] * sos, out.to(out_ptr.dtype.element_ty), mask=mask)

@@ -13,7 +13,9 @@ collapsed, so the draw does not depend on memory format) takes
     eps[n, c, s] = normals[lane]
 
 ``offset`` selects an independent stream (it sits in the counter's upper half), so consecutive
-training steps can simply use offset = step. The Triton kernels compute exactly this in fp32.
+training steps can simply use offset = step. The Triton kernels compute the same formula in fp32:
+the Philox words are identical, the normals agree to ~1e-6 (a GPU's log and cos are not
+correctly rounded), and each backend regenerates its own draws bit for bit.
 Philox reference: Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC 2011).
 """
 from __future__ import annotations

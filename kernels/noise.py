@@ -5,8 +5,10 @@ Conventions shared by every function (DDPM, Ho et al. 2020; DDIM, Song et al. 20
   the tensors' device to avoid a conversion per call.
 * ``t`` (and ``t_prev``) is an int or an integer tensor [N], one timestep per sample, in [0, T).
 * Draws come from Philox4x32-10 keyed by ``seed`` at stream ``offset`` (see kernels/_philox.py):
-  the same (seed, offset) gives the same eps for the same element, on any backend's grid and in
-  any memory format; use a new offset (e.g. the step number) for each new draw.
+  the same (seed, offset) gives the same eps for the same element on any grid and in any memory
+  format: bit for bit within one backend (what regenerating eps in the loss relies on), and to
+  ~1e-6 across backends (a GPU's log/cos are not correctly rounded); use a new offset (e.g. the
+  step number) for each new draw.
 * Outputs keep the dtype and memory format of the first tensor argument; arithmetic is fp32
   (fp64 for fp64 inputs), schedule coefficients are computed in fp64.
 CUDA tensors run the Triton kernels (one pass over memory each), anything else the eager
@@ -28,11 +30,20 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _steps(t: torch.Tensor | int, n: int, device: torch.device, name: str = "t") -> torch.Tensor:
-    t = torch.as_tensor(t, device=device)
+def _steps(t: torch.Tensor | int, n: int, device: torch.device, timesteps: int, name: str = "t") -> torch.Tensor:
+    """t as int64 [n] on ``device``; ``t_prev`` may also be negative (the final step)."""
+    t = torch.as_tensor(t)
     if t.is_floating_point() or t.dim() > 1 or (t.dim() == 1 and t.shape[0] != n):
         raise ValueError(f"{name} must be an int or an integer tensor of shape ({n},); got {tuple(t.shape)} {t.dtype}")
-    return t.to(torch.int64).expand(n).contiguous()
+    # Checked where it is free (ints, CPU tensors, outside torch.compile's tracing, where reading a
+    # value would break the graph); elsewhere a check would cost a sync, so the Triton kernels give
+    # NaN for the samples whose timestep is outside the table instead.
+    if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():
+        low = int(t.min()) if name == "t" else 0
+        if low < 0 or int(t.max()) >= timesteps:
+            raise ValueError(f"{name} must lie in [0, {timesteps}) for a schedule of {timesteps} steps; "
+                             f"got values from {int(t.min())} to {int(t.max())}")
+    return t.to(device=device, dtype=torch.int64).expand(n).contiguous()
 
 
 def _table(alphas_cumprod: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -70,7 +81,7 @@ def philox_normal(like: torch.Tensor, seed: int, offset: int = 0, dtype: torch.d
     """The eps that q_sample / eps_loss draw for a tensor shaped like ``like`` (same layout)."""
     _check_like(like)
     check_seed_offset(seed, offset)
-    if use_triton(like):
+    if use_triton(like) and dtype != torch.float64:
         return _noise_ops.philox_normal_op(like, int(seed), int(offset), dtype)
     out = torch.empty_like(like, dtype=dtype)
     out.copy_(normal_like_reference(like.shape, seed, offset, torch.float64 if dtype == torch.float64 else torch.float32,
@@ -83,9 +94,9 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor | int, alphas_cumprod: torch.Tens
     """x_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) eps; eps = ``noise`` if given, else drawn at (seed, offset)."""
     _check_like(x0, noise=noise)
     check_seed_offset(seed, offset)
-    t = _steps(t, x0.shape[0], x0.device)
     abar = _table(alphas_cumprod, x0.device)
-    if use_triton(x0, noise):
+    t = _steps(t, x0.shape[0], x0.device, abar.shape[0])
+    if use_triton(x0, noise) and x0.dtype != torch.float64:
         return _noise_ops.q_sample_op(x0, noise, t, abar, int(seed), int(offset))
     a = abar[t]
     eps = noise.to(_compute_dtype(x0)) if noise is not None else _draws(x0, seed, offset)
@@ -132,9 +143,9 @@ def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, alpha
     check_seed_offset(seed, offset)
     if variance not in _VARIANCES:
         raise ValueError(f"variance must be 'posterior' or 'beta'; got {variance!r}")
-    t = _steps(t, x_t.shape[0], x_t.device)
-    t_prev = t - 1 if t_prev is None else _steps(t_prev, x_t.shape[0], x_t.device, "t_prev")
     abar = _table(alphas_cumprod, x_t.device)
+    t = _steps(t, x_t.shape[0], x_t.device, abar.shape[0])
+    t_prev = t - 1 if t_prev is None else _steps(t_prev, x_t.shape[0], x_t.device, abar.shape[0], "t_prev")
     if use_triton(x_t, eps, eps_cond) and x_t.dtype != torch.float64:
         return _noise_ops.ddpm_step_op(x_t, eps, eps_cond, float(guidance_scale), t, t_prev, abar, bool(clip_x0),
                                        variance == "beta", int(seed), int(offset))
@@ -171,8 +182,8 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, t_pre
     if eta < 0:
         raise ValueError(f"eta must be >= 0; got {eta}")
     n = x_t.shape[0]
-    t, t_prev = _steps(t, n, x_t.device), _steps(t_prev, n, x_t.device, "t_prev")
     abar = _table(alphas_cumprod, x_t.device)
+    t, t_prev = _steps(t, n, x_t.device, abar.shape[0]), _steps(t_prev, n, x_t.device, abar.shape[0], "t_prev")
     if use_triton(x_t, eps, eps_cond) and x_t.dtype != torch.float64:
         return _noise_ops.ddim_step_op(x_t, eps, eps_cond, float(guidance_scale), t, t_prev, abar, float(eta),
                                        bool(clip_x0), int(seed), int(offset))

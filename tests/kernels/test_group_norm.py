@@ -112,6 +112,31 @@ def test_bf16_activations_with_fp32_parameters(device, poison):
     assert max(rel_err(y, ry), rel_err(dx, rdx), rel_err(dw, rdw), rel_err(db, rdb)) <= 1e-2
 
 
+# Split-path loops that GPU plans reach at U-Net sizes but the tiny `path` settings above do not:
+# several channel blocks with a group straddling two of them (CG=6 over blocks of 4), and the
+# finalize kernel's loops over split chunks (70 chunks of 2 > its 64-wide block) and over a group's
+# channels (CG=64 and 32 > its 16-wide channel block at that split).
+SPLIT_PLANS = [
+    ((2, 12, 2, (5, 6)), {"GENSCALE_GN_BLOCK_C": "4", "GENSCALE_GN_BLOCK_S": "8", "GENSCALE_GN_SPLIT": "3"}),
+    ((1, 128, 2, (10, 14)), {"GENSCALE_GN_BLOCK_C": "64", "GENSCALE_GN_BLOCK_S": "1", "GENSCALE_GN_SPLIT": "70"}),
+    ((1, 64, 2, (10, 14)), {"GENSCALE_GN_BLOCK_C": "32", "GENSCALE_GN_BLOCK_S": "1", "GENSCALE_GN_SPLIT": "70"}),
+]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("shape, env", SPLIT_PLANS, ids=["straddle", "split70-cg64", "split70-cg32"])
+def test_split_path_channel_blocks_and_finalize_loops(device, poison, monkeypatch, shape, env, channels_last):
+    monkeypatch.setenv("GENSCALE_GN_PATH", "split")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    n, c, g, spatial = shape
+    x = make_x(n, c, spatial, channels_last, device)
+    w, b = torch.randn(c, device=device), torch.randn(c, device=device)
+    dy = make_x(n, c, spatial, channels_last, device, shift=0.0, scale=1.0)
+    for name, out, ref in zip(("y", "dx", "dweight", "dbias"), run(x, w, b, g, dy), reference(x, w, b, g, dy)):
+        assert rel_err(out, ref) <= 1e-5, name
+
+
 @pytest.mark.parametrize("affine", ["none", "weight", "bias"])
 def test_plain_group_norm_and_optional_affine(device, poison, path, affine):
     n, c, g, spatial = 2, 6, 3, (4, 5)

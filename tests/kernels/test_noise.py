@@ -200,6 +200,69 @@ def test_ddim_step_closed_form(device, poison, eta, cfg, clip):
     assert rel_err(out[0], x0[0]) <= 1e-5  # the final step returns x0_hat
 
 
+# ----------------------------------------------------------------------------- several tiles per sample
+
+# Shapes whose launch has more than one tile along each grid axis (SHAPE above fits in one tile):
+# (1,3,40,40) NCHW: 2 spatial tiles x 2 channel blocks; (2,70,2,3) channels_last: 2 channel blocks
+# of 64; (1,3,33,33) channels_last: 3 spatial tiles of 512. Each tile must draw its own quads.
+MULTI_TILE = [((1, 3, 40, 40), False), ((2, 70, 2, 3), True), ((1, 3, 33, 33), True)]
+
+
+@pytest.mark.parametrize("shape, channels_last", MULTI_TILE, ids=["nchw-2x2", "cl-2c", "cl-3s"])
+def test_multi_tile_launches_match_the_reference(device, poison, shape, channels_last):
+    x = make(shape, channels_last, device)
+    ref = draws(shape, 21, 6)
+    assert rel_err(kernels.philox_normal(x, 21, 6), ref) <= 5e-6
+    abar = abar_table(device)
+    t = torch.arange(shape[0]) * 300 + 100
+    a = per_sample(abar.cpu()[t])
+    expected = a.sqrt() * x.double().cpu() + (1 - a).sqrt() * ref
+    assert rel_err(kernels.q_sample(x, t.to(device), abar, seed=21, offset=6), expected) <= 1e-5
+    pred = x.clone().requires_grad_()
+    loss = kernels.eps_loss(pred, 21, 6)
+    loss.backward()
+    d = x.double().cpu() - ref
+    assert abs(loss.item() - (d * d).mean().item()) <= 1e-6 * (d * d).mean().item()
+    assert rel_err(pred.grad, 2 * d / d.numel()) <= 1e-5
+
+
+def test_out_of_range_timesteps_fail_loudly(device):
+    """Host-visible timesteps raise; timesteps already on the GPU poison only their sample with NaN."""
+    from kernels import _noise_ops
+
+    x = make(SHAPE, False, device)
+    abar = abar_table(device)
+    for bad in (T, -1, torch.tensor([0, 5, T])):
+        with pytest.raises(ValueError, match=r"t must lie in \[0, 1000\)"):
+            kernels.q_sample(x, bad, abar)
+    with pytest.raises(ValueError, match=r"t_prev must lie"):
+        kernels.ddim_step(x, x, 10, T, abar)
+    # The kernels themselves, given what a GPU-resident t could hold (no host check there):
+    t = torch.tensor([T, 5, -3], device=device)
+    out = _noise_ops.q_sample(x, None, t, abar, 0, 0)
+    assert out[0].isnan().all() and out[2].isnan().all()
+    a = abar.cpu()[5]
+    assert rel_err(out[1], a.sqrt() * x[1].double().cpu() + (1 - a).sqrt() * draws(SHAPE, 0, 0)[1]) <= 1e-5
+    steps = _noise_ops.ddim_step(x, x, None, 1.0, torch.tensor([10, 10, 10], device=device),
+                                 torch.tensor([T, 5, -1], device=device), abar, 0.0, False, 0, 0)
+    assert steps[0].isnan().all() and not steps[1:].isnan().any()
+
+
+def test_float64_inputs_keep_float64_arithmetic(device):
+    """float64 tensors take the float64 reference even when the Triton kernels are forced."""
+    x = make(SHAPE, False, device, torch.float64)
+    abar = abar_table(device)
+    assert torch.equal(kernels.philox_normal(x, 4, 2, dtype=torch.float64).cpu(), draws(SHAPE, 4, 2))
+    a = per_sample(abar.cpu()[STEPS])
+    expected = a.sqrt() * x.cpu() + (1 - a).sqrt() * draws(SHAPE, 4, 2)
+    assert rel_err(kernels.q_sample(x, STEPS.to(device), abar, seed=4, offset=2), expected) <= 1e-14
+
+
+def test_grid_limits_give_a_clear_error(device):
+    with pytest.raises(ValueError, match="at most 65535 samples"):
+        kernels.q_sample(torch.zeros(65536, 1, 1, 1, device=device), 0, abar_table(device))
+
+
 # ----------------------------------------------------------------------------- both backends, errors
 
 
