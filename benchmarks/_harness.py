@@ -51,10 +51,20 @@ def l2_bytes(device: torch.device) -> int:
 
 
 def input_sets(make: Callable[[], Sequence[Any]], bytes_per_set: int, device: torch.device,
-               max_sets: int = 64) -> list[Sequence[Any]]:
-    """Enough fresh input sets that cycling through them never hits in L2."""
+               max_sets: int = 1024) -> list[Sequence[Any]]:
+    """Enough fresh input sets that cycling through them never hits in L2 (together 4x its size).
+
+    Capped at ``max_sets`` so that graphs stay small: below ~200 KB per set (4 x 50 MB / 1024) the
+    rotation still fits in cache, which ``cache_note`` records for the summary to mark.
+    """
     n = 1 if device.type != "cuda" else min(max_sets, max(2, math.ceil(4 * l2_bytes(device) / max(1, bytes_per_set))))
     return [make() for _ in range(n)]
+
+
+def cache_note(sets: list[Sequence[Any]], bytes_per_set: int, device: torch.device) -> dict[str, Any]:
+    """How large the timed rotation was against the L2 cache (for a record's ``extra``)."""
+    total = len(sets) * bytes_per_set
+    return {"working_set_bytes": total, "exceeds_4x_l2": total >= 4 * l2_bytes(device)}
 
 
 def _rough_time(calls: list[Callable[[], Any]], device: torch.device) -> float:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from _harness import Record, input_sets, measure
+from _harness import Record, cache_note, input_sets, measure
 
 GROUPS = 32
 ON_GPU = torch.cuda.is_available()
@@ -76,7 +76,8 @@ def test_group_norm_silu(benchmark, device, record, monkeypatch, case, layout, m
 
     elem = torch.tensor([], dtype=dtype).element_size()
     numel = n * c * h * w
-    sets = input_sets(make, numel * elem * (2 if grad else 1), device)
+    set_bytes = numel * elem * (2 if grad else 1)
+    sets = input_sets(make, set_bytes, device)
 
     if grad:
         def run(x, dy):
@@ -89,5 +90,6 @@ def test_group_norm_silu(benchmark, device, record, monkeypatch, case, layout, m
     per_call, method = measure(benchmark, run, sets, device)
     case_name = f"{mode} {n}x{c}x{h}x{w} {str(dtype)[6:]} {layout}"
     record(Record("group_norm", case_name, variant, per_call, numel * elem * (5 if grad else 2), method,
-                  extra=dict(op="group_norm_silu", mode=mode, shape=[n, c, h, w], dtype=str(dtype), layout=layout)),
+                  extra=dict(op="group_norm_silu", mode=mode, shape=[n, c, h, w], dtype=str(dtype), layout=layout,
+                             **cache_note(sets, set_bytes, device))),
            benchmark)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from _harness import Record, input_sets, measure
+from _harness import Record, cache_note, input_sets, measure
 
 T = 1000
 ON_GPU = torch.cuda.is_available()
@@ -124,8 +124,10 @@ def test_noise_step(benchmark, device, record, monkeypatch, case, op, variant):
     numel = torch.Size(shape).numel()
     elem = torch.tensor([], dtype=dtype).element_size()
     make = _inputs(op, shape, dtype, device)
-    sets = input_sets(make, numel * elem * (BYTES_PER_ELEMENT[op] - 1), device)
+    set_bytes = numel * elem * (BYTES_PER_ELEMENT[op] - 1)
+    sets = input_sets(make, set_bytes, device)
     per_call, method = measure(benchmark, fn, sets, device)
     name = f"{op} {'x'.join(map(str, shape))} {str(dtype)[6:]}"
     record(Record("noise", name, variant, per_call, numel * elem * BYTES_PER_ELEMENT[op], method,
-                  extra=dict(op=op, shape=list(shape), dtype=str(dtype))), benchmark)
+                  extra=dict(op=op, shape=list(shape), dtype=str(dtype), **cache_note(sets, set_bytes, device))),
+           benchmark)
