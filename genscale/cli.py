@@ -1,10 +1,39 @@
-"""What every entry point shares: the repo on sys.path and errors as one sentence."""
+"""What every entry point shares: the repo on sys.path, errors as one sentence, and checks that
+an output can be written before long work starts."""
 from __future__ import annotations
 
+import argparse
+import os
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Callable, NoReturn
 
 from genscale.errors import UserError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one line: the full usage of a command with fifty flags would
+    bury the one line that says what is wrong, so it points to --help instead."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def check_output_path(path: str | Path, flag: str, folder: bool = False) -> None:
+    """Raise UserError unless ``path`` (a file, or a folder when ``folder``) can be created or
+    overwritten: checked before the work, so that hours of sampling are not lost at the end."""
+    p = Path(path)
+    if folder and p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {p} is a file, not a folder; choose another {flag}")
+    if not folder and p.is_dir():
+        raise UserError(f"{flag} {p} is a folder; give a file name")
+    nearest = p if folder else p.parent
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise UserError(f"{flag} {p} cannot be created because {nearest} is a file")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {p} cannot be written: {nearest} is not writable")
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from genscale.cli import ArgumentParser
 from genscale.errors import UserError
 from genscale.families import DESCRIPTIONS, FAMILIES, family_module
 
@@ -186,7 +188,7 @@ def parse_train_args(argv: list[str] | None = None) -> RunConfig:
         raise UserError(f"unknown model {model!r}; choose one of: {', '.join(FAMILIES)}")
     module = family_module(model)
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="genscale/train.py",
         description="Train an image generative model. Models:\n" + model_list(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -216,12 +218,23 @@ def parse_train_args(argv: list[str] | None = None) -> RunConfig:
     if not train.out:
         train.out = str(Path("runs") / model)
     validate(train)
+    check_finite(options)
     if hasattr(options, "validate"):
         options.validate()
     return RunConfig(train, options)
 
 
+def check_finite(values: Any) -> None:
+    """Every float option of a config dataclass is finite: nan passes every range check (all
+    comparisons are false) and inf turns the loss into inf a few steps later."""
+    for f in dataclasses.fields(values):
+        value = getattr(values, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{_flag(f.name)} must be a finite number, got {value}")
+
+
 def validate(cfg: TrainConfig) -> None:
+    check_finite(cfg)
     positive = ["steps", "batch_size", "grad_accum", "image_size", "ckpt_every", "batches_per_epoch",
                 "keep_checkpoints", "log_every"]
     for name in positive:

@@ -40,6 +40,7 @@ import os  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from genscale.cli import ArgumentParser, check_output_path  # noqa: E402
 from genscale.errors import UserError  # noqa: E402
 from genscale.metrics.evaluation import DEFAULT_CHUNK, METRICS  # noqa: E402
 from genscale.metrics.features import FEATURES  # noqa: E402
@@ -116,9 +117,12 @@ def _run_record(run: str) -> dict:
     if not path.is_file():
         raise UserError(f"{run} is not a genscale run (no config.json).")
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except json.JSONDecodeError:
-        raise UserError(f"{path} is damaged and cannot be read.") from None
+        record = None
+    if not isinstance(record, dict):
+        raise UserError(f"{path} is damaged and cannot be read.")
+    return record
 
 
 def evaluate(args: argparse.Namespace, acc) -> dict:
@@ -131,10 +135,11 @@ def evaluate(args: argparse.Namespace, acc) -> dict:
     if args.run:
         if not Path(args.run).is_dir():
             raise UserError(f"The run folder {args.run} does not exist.")
-        from genscale.sample import load_family, parse_labels
+        from genscale.sample import check_sampling_options, load_family, parse_labels
 
         record = _run_record(args.run)
         family, info, step = load_family(args.run, acc.device)
+        check_sampling_options(family, args.sampling_steps)
         shape = (info.image_size, info.image_size, info.channels)
         labels = parse_labels(args.labels, args.num, info.num_classes)
         num = args.num
@@ -261,7 +266,7 @@ def describe(result: dict) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
     parser.add_argument("--metric", choices=METRICS, default="fid")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--samples", help="an .npz (arr_0 uint8 N x H x W x C, arr_1 int labels) or a folder")
@@ -276,7 +281,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--labels", default=None, help="class labels to draw (--run only; default 0..K-1 in turn)")
     parser.add_argument("--seed", type=int, default=0, help="sampling, mask and KID-subset seed")
     parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (--run only)")
-    parser.add_argument("--sampler", default=None, help="sampler name, e.g. ddpm or ddim (--run only)")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="diffusion runs: the sampler")
     parser.add_argument("--sampling-steps", type=int, default=None, help="sampler steps (--run only)")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
                         help="samples per seeded chunk (part of what the samples are a function of)")
@@ -295,12 +300,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--chunk-size must be positive")
     if args.min_accuracy is not None and args.metric != "accuracy":
         parser.error("--min-accuracy applies to --metric accuracy only")
+    if args.sampling_steps is not None and args.sampling_steps <= 0:
+        parser.error("--sampling-steps must be positive")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.json:  # before the evaluation, which can take hours, not after it
+            check_output_path(args.json, "--json")
         acc = make_accelerator()
         result = evaluate(args, acc)
         if acc.is_main_process:

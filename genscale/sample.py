@@ -30,7 +30,7 @@ import torch
 
 from genscale.applications.tasks import TASKS, add_task_arguments, run_task
 from genscale.checkpoints import load_ema_weights
-from genscale.cli import run_main
+from genscale.cli import ArgumentParser, check_output_path, run_main
 from genscale.config import RunConfig
 from genscale.errors import UserError
 from genscale.families import family_module
@@ -47,7 +47,7 @@ def load_family(run_dir: str | Path, device: str | torch.device = "cpu") -> tupl
         record = json.loads(path.read_text())
         run = RunConfig.from_dict(record)
         info = DataInfo(**record["data_info"])
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):  # AttributeError: not a mapping
         raise UserError(f"{path} is damaged and cannot be read", exit_code=1) from None
     family = family_module(run.train.model).FAMILY(run.train, run.options, info)
     weights, step = load_ema_weights(run_dir)
@@ -78,6 +78,19 @@ def parse_labels(spec: str | None, num: int, num_classes: int) -> torch.Tensor |
     return torch.tensor(chosen)[torch.arange(num) % len(chosen)]
 
 
+def check_sampling_options(family: Family, sampling_steps: int | None = None, batch_size: int = 1) -> None:
+    """Raise UserError for sampler settings the family would reject with a traceback (or, for 0
+    steps, silently replace by its default)."""
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    if sampling_steps is None:
+        return
+    timesteps = getattr(getattr(family, "opts", None), "timesteps", None)
+    if sampling_steps < 1 or (timesteps and sampling_steps > timesteps):
+        top = f" and {timesteps} (the run's timesteps)" if timesteps else ""
+        raise UserError(f"--sampling-steps must be between 1{top}, got {sampling_steps}")
+
+
 def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, cfg_scale: float | None = None,
              sampler: str | None = None, sampling_steps: int | None = None, batch_size: int = 250,
              device: str | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -86,6 +99,7 @@ def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, 
         raise UserError(f"--num must be positive, got {num}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     family, info, _ = load_family(run_dir, device)
+    check_sampling_options(family, sampling_steps, batch_size)
     # The family, not the data, says whether a run is conditional: gan, dcgan and vae train on the
     # labelled digits (info.num_classes 10) but generate without labels; their outputs are -1.
     classes = int(getattr(family, "num_classes", 0) or 0)
@@ -105,10 +119,20 @@ def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, 
     return np.concatenate(chunks), out_labels
 
 
-def write_outputs(out: str, images: np.ndarray, labels: np.ndarray) -> list[Path]:
+def check_out(out: str) -> list[Path]:
+    """The files ``--out`` names (FILE.png, FILE.npz or both); UserError if one cannot be written."""
     path = Path(out)
     if path.suffix not in ("", ".png", ".npz"):
         raise UserError(f"--out must end in .png or .npz (or have no suffix for both), got {out}")
+    files = [path.with_suffix(s) for s in (".png", ".npz") if path.suffix in ("", s)]
+    for file in files:
+        check_output_path(file, "--out")
+    return files
+
+
+def write_outputs(out: str, images: np.ndarray, labels: np.ndarray) -> list[Path]:
+    path = Path(out)
+    check_out(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     written = []
     if path.suffix in ("", ".png"):
@@ -133,8 +157,9 @@ def inpaint_task(run_dir: str, images_path: str, masks_path: str, out: str, seed
     from genscale.inpainting import can_inpaint, load_inpainting_inputs, run_inpainting
 
     path = Path(out)
-    if path.suffix not in ("", ".png", ".npz"):
-        raise UserError(f"--out must end in .png or .npz (or have no suffix for both), got {out}")
+    check_out(out)
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
     images, masks = load_inpainting_inputs(images_path, masks_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     family, info, _ = load_family(run_dir, device)
@@ -157,7 +182,7 @@ def inpaint_task(run_dir: str, images_path: str, masks_path: str, out: str, seed
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="genscale/sample.py", description=__doc__,
+    parser = ArgumentParser(prog="genscale/sample.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run folder written by train.py")
     parser.add_argument("--task", choices=["sample", *TASKS], default="sample",
@@ -185,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.input or args.mask:
         raise UserError("--input and --mask go with the tasks (--task inpaint, denoise, img2img)")
+    check_out(args.out)  # before sampling, not after it
     images, labels = generate(args.run, args.num, args.labels, args.seed, args.cfg_scale, args.sampler,
                               args.sampling_steps, args.batch_size, progress=True)
     for path in write_outputs(args.out, images, labels):

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from genscale.cli import run_main
+from genscale.cli import check_output_path, run_main
 from genscale.config import RunConfig, TrainConfig, parse_train_args
 from genscale.errors import UserError
 from genscale.families import family_module
@@ -60,7 +60,7 @@ def check_same_run(run: RunConfig) -> None:
     try:
         old = json.loads(path.read_text())["train"]
         old_model = old["model"]
-    except (json.JSONDecodeError, KeyError):
+    except (json.JSONDecodeError, KeyError, TypeError):  # TypeError: valid JSON but not a mapping
         raise UserError(f"{path} is damaged; remove it or choose another --out", exit_code=1) from None
     if old_model != run.train.model:
         raise UserError(f"{run.train.out} holds a {old_model} run; choose another --out for {run.train.model}")
@@ -68,6 +68,43 @@ def check_same_run(run: RunConfig) -> None:
     if changed:
         print(f"warning: resuming {run.train.out} with changed {', '.join(changed)}; the run continues but "
               "will not match an uninterrupted one", file=sys.stderr)
+
+
+def check_checkpoint_fits(run: RunConfig, family) -> None:
+    """Refuse to resume when the latest checkpoint's networks have other shapes than the ones these
+    flags build (e.g. a changed --base-width): found here, before config.json is rewritten with the
+    new flags, the run stays readable by sample.py and the message names the flags to restore."""
+    from genscale.checkpoints import latest_checkpoint
+
+    latest = latest_checkpoint(run.train.out)
+    if latest is None:
+        return
+    try:
+        saved = torch.load(latest / "ema.pt", map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a damaged checkpoint: the trainer's resume names it
+        return
+    fits = all(name in family.nets and {k: tuple(v.shape) for k, v in family.nets[name].state_dict().items()}
+               == {k: tuple(v.shape) for k, v in state.items()} for name, state in saved.items())
+    if fits:
+        return
+    changed = ""
+    try:
+        old = json.loads((Path(run.train.out) / "config.json").read_text())["options"]
+        new = json.loads(json.dumps(dataclasses.asdict(run.options)))
+        changed = " ".join(_as_flag(k, old[k]) for k in sorted(old) if k in new and old[k] != new[k])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    hint = f"resume with {changed}" if changed else "resume with the run's original options"
+    raise UserError(f"the checkpoints in {run.train.out} hold networks of another shape than these options "
+                    f"build; {hint} or choose another --out")
+
+
+def _as_flag(name: str, value) -> str:
+    """The command-line spelling of an option's value, as config.json records it."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}"
 
 
 def grid_labels(info: DataInfo, per_class: int = 8) -> torch.Tensor | None:
@@ -116,6 +153,7 @@ def train_autoencoder_first(run: RunConfig) -> str | None:
 def train(run: RunConfig, last: bool = True) -> int:
     """Train one run; ``last`` False keeps the process group for a run that follows in the same launch."""
     cfg = run.train
+    check_output_path(cfg.out, "--out", folder=True)
     check_same_run(run)
     from genscale.data import resolve_data
     from genscale.trainer import Trainer, make_accelerator
@@ -128,6 +166,7 @@ def train(run: RunConfig, last: bool = True) -> int:
         family = module.FAMILY(cfg, run.options, info)
     except ValueError as err:  # e.g. an image size the networks cannot take
         raise UserError(str(err)) from None
+    check_checkpoint_fits(run, family)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

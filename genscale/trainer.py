@@ -203,8 +203,10 @@ class Trainer:
             stop_now, diverged = self._agree(self.stop.requested, bad)
             if diverged:
                 bar.close()
+                kept = ("the last good checkpoint was kept" if ckpt.latest_checkpoint(self.out) is not None
+                        else "no checkpoint had been saved yet")  # don't promise one that does not exist
                 raise UserError(f"training diverged: the loss became non-finite at step {step + 1}; "
-                                "the last good checkpoint was kept (try a lower --lr)", exit_code=1)
+                                f"{kept} (try a lower --lr)", exit_code=1)
             bar.update(1)
             bar.set_postfix({k: f"{v / max(count, 1):.4g}" for k, v in list(sums.items())[:3]})
             done = self.progress.step

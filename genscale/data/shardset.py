@@ -85,7 +85,11 @@ def _from_folder(folder: str, split: str, name: str) -> ShardSet:
     else:
         urls = _tars(folder)
         if not urls:
-            raise UserError(f"{folder} holds no .tar shards (nor train/ and test/ subfolders with some).")
+            hint = ""
+            if any(e.lower().endswith((".png", ".jpg", ".jpeg", ".webp")) for e in os.listdir(folder)):
+                # the likeliest mistake: a folder of images where shards are expected
+                hint = f"; write shards from its images with: python -m genscale.data.write_shards {folder} SHARDS"
+            raise UserError(f"{folder} holds no .tar shards (nor train/ and test/ subfolders with some){hint}.")
         if split != "train":
             raise UserError(f"{folder} has no {split} split: put its shards in train/ and test/ subfolders.")
     _check_tars(urls)

@@ -12,7 +12,6 @@ a folder's train/ and test/ or val/ sub-folders). Unreadable images are skipped 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections import Counter
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from genscale.data.sources import KINDS, Record, read_source
 from genscale.data.transforms import decode_image
 from genscale.data.writer import FORMAT_VERSION, INFO_FILE, SPLITS, split_indices, write_info, write_split
-from genscale.cli import run_main
+from genscale.cli import ArgumentParser, run_main
 from genscale.errors import UserError
 
 
@@ -110,7 +109,7 @@ def write_shards(src: str, out_dir: str, kind: str = "auto", maxcount: int = 100
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and write the shards; a UserError propagates (see ``cli``)."""
-    parser = argparse.ArgumentParser(prog="python -m genscale.data.write_shards", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m genscale.data.write_shards", description=__doc__.split("\n")[0])
     parser.add_argument("src", help="image folder, class-per-folder tree, .npz file or torchvision root")
     parser.add_argument("out_dir", help="where train/, test/ and info.json go")
     parser.add_argument("--kind", choices=KINDS, default="auto")

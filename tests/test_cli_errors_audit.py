@@ -1,0 +1,182 @@
+"""A hostile user's inputs to the four command lines: each one gives one clear sentence and a
+non-zero exit before any work is lost, and never damages the run it points at. Every test here
+failed before the fix it names (a traceback, a silently ignored value, a rewritten config.json,
+an error only after the whole evaluation, or a usage dump of thirty lines)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from genscale.config import parse_train_args
+from genscale.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--steps", "2", "--batch-size", "8", "--ckpt-every", "2", "--sample-every", "0", "--timesteps", "20",
+        "--base-width", "16", "--channel-mults", "1,2", "--attention-res", "4", "--image-size", "8",
+        "--num-workers", "1", "--log-every", "1", "--sampling-steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def train_proc(cache: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GENSCALE_THREADS": "1", "GENSCALE_CACHE": str(cache)}
+    return subprocess.run([sys.executable, str(ROOT / "genscale" / "train.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_error_line(stderr: str, fragment: str) -> None:
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and fragment in lines[0], stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, cache) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "ddpm"
+    proc = train_proc(cache, *TINY, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_resume_with_other_network_options_keeps_the_run_intact(tiny_run, cache):
+    before = (tiny_run / "config.json").read_text()
+    proc = train_proc(cache, *TINY, "--steps", "4", "--base-width", "32", "--out", str(tiny_run))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    one_error_line(proc.stderr, "resume with --base-width 16")
+    # config.json was rewritten with base_width 32 before the load failed: sample.py then refused the run
+    assert (tiny_run / "config.json").read_text() == before
+    from genscale.sample import load_family
+
+    _, _, step = load_family(tiny_run)
+    assert step == 2
+
+
+def test_divergence_before_the_first_checkpoint_promises_no_checkpoint(tmp_path, cache):
+    proc = train_proc(cache, *TINY, "--steps", "6", "--ckpt-every", "6", "--lr", "1e30", "--grad-clip", "0",
+                      "--warmup-steps", "0", "--out", str(tmp_path / "run"))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    one_error_line(proc.stderr, "no checkpoint had been saved yet")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("sub", ["", "run"])
+def test_train_out_that_is_or_is_under_a_file(tmp_path, sub):
+    from genscale.train import main
+
+    afile = tmp_path / "notes.txt"
+    afile.write_text("keep me")
+    out = afile / sub if sub else afile
+    with pytest.raises(UserError, match="is a file") as err:  # was FileExistsError / NotADirectoryError
+        main(["--out", str(out), "--steps", "1"])
+    assert err.value.exit_code == 2 and afile.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--grad-clip", "nan"),
+                                         ("--ema-decay", "nan"), ("--cfg-scale", "nan")])
+def test_non_finite_numbers_are_refused(flag, value):
+    # nan passed "--lr must be positive" (every comparison with nan is false) and inf diverged later
+    with pytest.raises(UserError, match=f"{flag} must be a finite number"):
+        parse_train_args([flag, value])
+
+
+def test_usage_errors_are_one_line(capsys, tmp_path):
+    from genscale import evaluate, sample
+    from genscale.data import write_shards
+
+    calls = [(lambda: parse_train_args(["--stepz", "3"]), "unrecognized arguments: --stepz"),
+             (lambda: sample.main(["--run", "r", "--out", "o.png", "--nm", "4"]), "unrecognized arguments: --nm"),
+             (lambda: evaluate.parse_args(["--run", "r", "--metric", "fdi"]), "invalid choice: 'fdi'"),
+             (lambda: write_shards.main([str(tmp_path)]), "required: out_dir")]
+    for call, fragment in calls:
+        with pytest.raises((UserError, SystemExit)) as err:
+            call()
+        code = err.value.exit_code if isinstance(err.value, UserError) else err.value.code
+        assert code == 2
+        stderr = capsys.readouterr().err
+        assert stderr.count("\n") == 1 and fragment in stderr and "--help" in stderr, stderr
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--batch-size", "0"], "--batch-size must be positive"),  # was range() arg 3 must not be zero
+    (["--batch-size", "-2"], "--batch-size must be positive"),  # was need at least one array to concatenate
+    (["--sampling-steps", "0"], "--sampling-steps must be between 1 and 20"),  # was silently the default
+    (["--sampling-steps", "500"], "--sampling-steps must be between 1 and 20"),  # was a ValueError traceback
+])
+def test_sample_bad_numbers(tiny_run, tmp_path, args, fragment):
+    from genscale.sample import main
+
+    with pytest.raises(UserError, match=fragment):
+        main(["--run", str(tiny_run), "--num", "2", "--out", str(tmp_path / "s.png"), *args])
+    assert not list(tmp_path.iterdir())
+
+
+def test_sample_out_unwritable_is_refused_before_sampling(tiny_run, tmp_path, monkeypatch):
+    import genscale.sample as sample
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before checking --out")
+
+    monkeypatch.setattr(sample, "generate", no_sampling)
+    (tmp_path / "grid.png").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for out, fragment in [(tmp_path / "grid.png", "is a folder"), (tmp_path / "afile" / "s.png", "is a file"),
+                          (tmp_path / "s.jpg", "must end in .png or .npz")]:
+        with pytest.raises(UserError, match=fragment):
+            sample.main(["--run", str(tiny_run), "--num", "2", "--out", str(out)])
+
+
+def test_config_json_that_is_not_a_mapping(tiny_run, tmp_path):
+    import shutil
+
+    from genscale.sample import load_family
+    from genscale.train import check_same_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "config.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="damaged"):  # was AttributeError: 'list' object has no attribute 'get'
+        load_family(run)
+    with pytest.raises(UserError, match="damaged"):  # was TypeError: list indices must be integers
+        check_same_run(parse_train_args(["--out", str(run)]))
+
+
+def test_evaluate_bad_sampler_settings(tiny_run, capsys):
+    from genscale import evaluate
+
+    with pytest.raises(SystemExit):  # --sampler foo was accepted and silently ran DDIM
+        evaluate.parse_args(["--run", str(tiny_run), "--metric", "accuracy", "--sampler", "foo"])
+    assert "invalid choice: 'foo'" in capsys.readouterr().err
+    assert evaluate.main(["--run", str(tiny_run), "--metric", "accuracy", "--num", "2",
+                          "--sampling-steps", "999"]) == 2
+    one_error_line(capsys.readouterr().err, "--sampling-steps must be between 1 and 20")
+
+
+def test_evaluate_json_checked_before_the_evaluation(tiny_run, tmp_path, capsys):
+    from genscale import evaluate
+
+    (tmp_path / "result.json").mkdir()
+    assert evaluate.main(["--run", str(tiny_run), "--metric", "accuracy", "--num", "2",
+                          "--json", str(tmp_path / "result.json")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "", "the evaluation ran (and was thrown away) before --json was checked"
+    one_error_line(captured.err, "is a folder")
+
+
+def test_data_folder_of_images_points_to_the_shard_writer(tmp_path):
+    from PIL import Image
+
+    from genscale.data import resolve_data
+
+    for i in range(3):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / f"img{i}.png")
+    with pytest.raises(UserError, match="python -m genscale.data.write_shards"):
+        resolve_data(str(tmp_path), "train", None)
