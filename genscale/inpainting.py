@@ -94,11 +94,16 @@ def _load_array(path: str, what: str) -> np.ndarray:
     if not Path(path).is_file():
         raise UserError(f"{what} file {path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a .npy holds one bare array
+            raise UserError(f"{what} file {path} is a single array; save it with numpy.savez (as arr_0)")
+        with data:
             if "arr_0" not in data:
                 raise UserError(f"{what} file {path} has no arr_0 array")
             return data["arr_0"]
-    except (OSError, ValueError):
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - numpy raises OSError, ValueError, EOFError, BadZipFile ...
         raise UserError(f"{what} file {path} is not a readable .npz") from None
 
 

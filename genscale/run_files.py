@@ -1,6 +1,7 @@
 """What a run writes for people to read: config.json, metrics.jsonl, grids and loss curves."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from genscale.errors import UserError
 
 LIBRARIES = ("torch", "accelerate", "webdataset", "triton", "numpy", "einops", "clean-fid")
 
@@ -71,8 +74,13 @@ def save_png(path: Path, image_hwc: np.ndarray) -> None:
 
     arr = image_hwc[..., 0] if image_hwc.shape[-1] == 1 else image_hwc
     tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(arr).save(tmp)
+        os.replace(tmp, path)
+    except OSError as err:  # a folder of that name, a full disk: one sentence, and no stray temporary
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UserError(f"cannot write {path} ({err.strerror or err})", exit_code=1) from None
 
 
 def save_grid(path: Path, images: torch.Tensor, nrow: int) -> None:

@@ -107,6 +107,17 @@ def _as_flag(name: str, value) -> str:
     return f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}"
 
 
+def check_tracker(log_with: str) -> None:
+    """Accelerate only warns when the tracker's package is missing and then logs nowhere: a run
+    that asked for tensorboard would end without its logs."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    missing = {"tensorboard": ("tensorboard", is_tensorboard_available, "pip install -e .[tracking]"),
+               "wandb": ("wandb", is_wandb_available, "pip install wandb")}.get(log_with)
+    if missing and not missing[1]():
+        raise UserError(f"--log-with {log_with} needs the {missing[0]} package ({missing[2]}), which is not installed")
+
+
 def grid_labels(info: DataInfo, per_class: int = 8) -> torch.Tensor | None:
     """One row per class (at most 10 classes shown), or None for an unconditional model."""
     if info.num_classes == 0:
@@ -154,6 +165,7 @@ def train(run: RunConfig, last: bool = True) -> int:
     """Train one run; ``last`` False keeps the process group for a run that follows in the same launch."""
     cfg = run.train
     check_output_path(cfg.out, "--out", folder=True)
+    check_tracker(cfg.log_with)
     check_same_run(run)
     from genscale.data import resolve_data
     from genscale.trainer import Trainer, make_accelerator

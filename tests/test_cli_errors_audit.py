@@ -180,3 +180,44 @@ def test_data_folder_of_images_points_to_the_shard_writer(tmp_path):
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / f"img{i}.png")
     with pytest.raises(UserError, match="python -m genscale.data.write_shards"):
         resolve_data(str(tmp_path), "train", None)
+
+
+@pytest.mark.parametrize("kind", ["npy", "truncated", "empty"])
+def test_inpaint_inputs_that_are_not_npz(tmp_path, kind):
+    from genscale.inpainting import load_inpainting_inputs
+
+    images = np.zeros((2, 8, 8, 1), np.uint8)
+    masks = tmp_path / "masks.npz"
+    np.savez(masks, np.ones((2, 8, 8), np.uint8))
+    bad = tmp_path / f"images.{'npy' if kind == 'npy' else 'npz'}"
+    if kind == "npy":  # was TypeError: 'numpy.ndarray' object does not support the context manager protocol
+        np.save(bad, images)
+    elif kind == "truncated":  # was zipfile.BadZipFile
+        np.savez(bad, images)
+        bad.write_bytes(bad.read_bytes()[:100])
+    else:  # was EOFError
+        bad.write_bytes(b"")
+    with pytest.raises(UserError, match="single array" if kind == "npy" else "not a readable .npz"):
+        load_inpainting_inputs(str(bad), str(masks))
+
+
+def test_log_with_a_tracker_that_is_not_installed(tmp_path, monkeypatch):
+    import accelerate.utils
+
+    from genscale.train import main
+
+    # accelerate only warned and logged nowhere; the run went on without the logs asked for
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
+    with pytest.raises(UserError, match="--log-with tensorboard needs the tensorboard package"):
+        main(["--log-with", "tensorboard", "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_png_that_cannot_be_written_leaves_no_temporary(tmp_path):
+    from genscale.run_files import save_png
+
+    target = tmp_path / "grid.png"
+    target.mkdir()  # was IsADirectoryError, and grid.png.tmp.png left behind
+    with pytest.raises(UserError, match="cannot write"):
+        save_png(target, np.zeros((4, 4, 1), np.uint8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]
