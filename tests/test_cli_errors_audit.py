@@ -221,3 +221,14 @@ def test_png_that_cannot_be_written_leaves_no_temporary(tmp_path):
     with pytest.raises(UserError, match="cannot write"):
         save_png(target, np.zeros((4, 4, 1), np.uint8))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]
+
+
+def test_write_shards_names_the_unreadable_file(tmp_path):
+    from genscale.data.write_shards import write_shards
+
+    src = tmp_path / "images"
+    src.mkdir()
+    (src / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(UserError) as err:  # said: cannot identify image file <_io.BytesIO object at 0x...>
+        write_shards(str(src), str(tmp_path / "shards"), progress=False)
+    assert "broken.png: cannot identify image file" in str(err.value) and "BytesIO" not in str(err.value)

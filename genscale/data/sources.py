@@ -36,6 +36,7 @@ class Record:
     load: Callable[[], dict]
     label: int | None = None
     split: str | None = None  # a split fixed by the source; None = drawn by the writer
+    origin: str = ""  # the file it comes from, named when it cannot be read
 
 
 @dataclass
@@ -137,7 +138,7 @@ def _file_record(path: str, split: str | None, label: int | None = None, meta: d
             return {KEPT_FORMATS[fmt]: data, "json": info}
         return {"png": encode_png(np.asarray(decode_image(data))), "json": info}
 
-    return Record(load, label, split)
+    return Record(load, label, split, origin=path)
 
 
 def _halves(data: bytes, direction: str) -> dict:

@@ -13,6 +13,7 @@ a folder's train/ and test/ or val/ sub-folders). Unreadable images are skipped 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections import Counter
 from typing import Iterator, Sequence
@@ -58,7 +59,9 @@ class _Stats:
                 img = decode_image(image)
             except Exception as exn:  # an unreadable source image: skip it, say so at the end
                 self.failed += 1
-                self.first_error = self.first_error or str(exn)
+                # PIL names the in-memory buffer (<_io.BytesIO object at 0x...>), not the file
+                reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exn))
+                self.first_error = self.first_error or (f"{record.origin}: {reason}" if record.origin else reason)
                 continue
             self.modes[img.mode] += 1
             self.sizes[min(img.size)] += 1
