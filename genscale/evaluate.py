@@ -108,8 +108,12 @@ def _folder_shape(folder: str) -> tuple[int, int, int]:
 
     from genscale.metrics.features import list_image_files
 
-    with Image.open(list_image_files(folder)[0]) as img:
-        return img.height, img.width, 1 if img.mode in ("L", "LA", "I", "I;16", "F", "1") else 3
+    first = list_image_files(folder)[0]
+    try:
+        with Image.open(first) as img:
+            return img.height, img.width, 1 if img.mode in ("L", "LA", "I", "I;16", "F", "1") else 3
+    except OSError as err:  # PIL's UnidentifiedImageError is one
+        raise UserError(f"{first} cannot be read as an image ({type(err).__name__}).") from None
 
 
 def _run_record(run: str) -> dict:

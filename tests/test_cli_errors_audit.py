@@ -232,3 +232,24 @@ def test_write_shards_names_the_unreadable_file(tmp_path):
     with pytest.raises(UserError) as err:  # said: cannot identify image file <_io.BytesIO object at 0x...>
         write_shards(str(src), str(tmp_path / "shards"), progress=False)
     assert "broken.png: cannot identify image file" in str(err.value) and "BytesIO" not in str(err.value)
+
+
+def test_evaluate_folder_with_an_unreadable_image(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from genscale import evaluate
+    from genscale.metrics.features import file_features
+
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"not a png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "b.png")
+    # the first file sets the shape: was PIL.UnidentifiedImageError from evaluate._folder_shape
+    assert evaluate.main(["--samples", str(folder), "--metric", "fid"]) == 2
+    one_error_line(capsys.readouterr().err, "a.png cannot be read as an image")
+    # any file, read by clean-fid's loader before the network sees it: was the same traceback
+    extractor = SimpleNamespace(device="cpu", dim=4, resizer=lambda: None)
+    with pytest.raises(UserError, match="a.png"):
+        file_features([str(folder / "b.png"), str(folder / "a.png")], extractor)

@@ -195,7 +195,10 @@ def file_features(files: list[str], extractor: FeatureExtractor, batch_size: int
 
     if not files:
         return np.zeros((0, extractor.dim))
-    feats = get_files_features(files, model=extractor, num_workers=0, batch_size=batch_size,
-                               device=extractor.device, mode="clean", custom_fn_resize=extractor.resizer(),
-                               verbose=False)
+    try:
+        feats = get_files_features(files, model=extractor, num_workers=0, batch_size=batch_size,
+                                   device=extractor.device, mode="clean", custom_fn_resize=extractor.resizer(),
+                                   verbose=False)
+    except OSError as err:  # PIL's UnidentifiedImageError is one; its message names the file
+        raise UserError(f"an image cannot be read: {err}") from None
     return feats.astype(np.float64)
