@@ -1,9 +1,14 @@
 """Checkpoint folders of a run: atomic writes, finding the latest, pruning, loading weights.
 
 Layout: OUT/checkpoints/step-00001000/ holds Accelerate's state (models, optimizers, scaler,
-RNG, registered objects), ``ema.pt`` (the EMA weights, what sample.py loads) and ``meta.json``.
-A checkpoint is written under a temporary name and renamed only when complete, so a kill at
-any moment leaves the previous checkpoint as the latest.
+RNG), the trainer's own state (``trainer_state.pt``: step counter, EMA, best score), ``ema.pt``
+(the EMA weights, what sample.py loads) and ``meta.json``. Everything in it loads with
+``weights_only=True``.
+
+A checkpoint is written under a temporary name, fsynced, and renamed only when complete, so a
+kill at any moment leaves the previous checkpoint as the latest. A folder that must be replaced
+(the same step saved twice, ``best``) is first renamed aside and deleted only after the new one
+is in place; ``clean_temporaries`` puts an aside folder back when a kill came in between.
 """
 from __future__ import annotations
 
@@ -19,6 +24,10 @@ from genscale.errors import UserError
 
 _NAME = re.compile(r"^step-(\d{8})$")
 TMP_PREFIX = ".tmp-step-"
+OLD_PREFIX = ".old-"  # a published folder moved aside while its replacement is renamed in
+TRAINER_STATE = "trainer_state.pt"
+# Checkpoints written before trainer_state.pt held these (Accelerate's custom-object registry).
+LEGACY_OBJECTS = "custom_checkpoint_0.pkl"
 
 
 def checkpoint_root(out: str | Path) -> Path:
@@ -58,29 +67,55 @@ def write_meta(path: Path, step: int, extra: dict | None = None) -> None:
     os.replace(tmp, path / "meta.json")
 
 
-def publish(tmp: Path, final: Path) -> None:
-    """Make a fully written temporary checkpoint visible under its final name."""
-    if final.exists():  # the same step saved twice (e.g. a stop right after a periodic save)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def fsync_tree(path: Path) -> None:
+    """Flush every file under ``path`` and the folders themselves to disk, so that the rename
+    that publishes them cannot reach the disk before their contents (a power cut would otherwise
+    leave a published checkpoint of empty files)."""
+    for folder, _, files in os.walk(path, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Rename complete folder ``new`` to ``final``; an existing ``final`` is moved aside first and
+    deleted only once ``new`` is in place, so a kill at any moment leaves a whole copy behind."""
+    aside = final.parent / f"{OLD_PREFIX}{final.name}"
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)  # a stale leftover; ``final`` is the live copy
+        os.rename(final, aside)
+    os.rename(new, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Make a fully written temporary checkpoint visible under its final name (fsynced first).
+    ``final`` may exist: the same step saved twice (e.g. a stop right after a periodic save)."""
+    fsync_tree(tmp)
+    _replace_dir(tmp, final)
+
+
 def keep_as_best(out: str | Path, step: int) -> None:
-    """Copy checkpoint ``step`` to checkpoints/best (atomically: copy, then rename over the old)."""
+    """Copy checkpoint ``step`` to checkpoints/best: copy, fsync, then replace the old best."""
     root = checkpoint_root(out)
-    tmp, best = root / ".tmp-best", root / "best"
+    tmp = root / ".tmp-best"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(final_name(root, step), tmp)
-    old = root / ".old-best"
-    if best.exists():
-        os.rename(best, old)
-    os.rename(tmp, best)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync_tree(tmp)
+    _replace_dir(tmp, root / "best")
 
 
 def prune(out: str | Path, keep: int) -> None:
@@ -92,11 +127,35 @@ def prune(out: str | Path, keep: int) -> None:
 
 
 def clean_temporaries(out: str | Path) -> None:
+    """Undo what a kill in the middle of a save left: a folder moved aside whose replacement never
+    arrived goes back under its name; half-written temporaries and superseded copies go."""
     root = checkpoint_root(out)
-    if root.is_dir():
-        for child in root.iterdir():
-            if child.name.startswith(TMP_PREFIX) or child.name in (".tmp-best", ".old-best"):
-                shutil.rmtree(child, ignore_errors=True)
+    if not root.is_dir():
+        return
+    for child in sorted(root.iterdir()):
+        if child.name.startswith(OLD_PREFIX):
+            original = root / child.name[len(OLD_PREFIX):]
+            if not original.exists():
+                os.rename(child, original)
+                _fsync_dir(root)
+    for child in root.iterdir():
+        if child.name.startswith((TMP_PREFIX, OLD_PREFIX)) or child.name == ".tmp-best":
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def save_trainer_state(path: Path, state: dict) -> None:
+    """The trainer's own state (plain dicts of numbers, strings and tensors)."""
+    torch.save(state, path / TRAINER_STATE)
+
+
+def load_trainer_state(path: Path) -> dict:
+    """What ``save_trainer_state`` wrote, loaded with ``weights_only=True`` (never arbitrary pickles)."""
+    return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+
+
+def is_legacy(path: Path) -> bool:
+    """Written by an older genscale that registered its objects with Accelerate."""
+    return (path / LEGACY_OBJECTS).is_file() and not (path / TRAINER_STATE).is_file()
 
 
 def save_ema_weights(path: Path, ema_state: dict[str, dict[str, torch.Tensor]]) -> None:

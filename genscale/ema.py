@@ -36,7 +36,7 @@ class EMA:
                 s.copy_(b)
         self.updates += 1
 
-    # register_for_checkpointing needs these two
+    # the trainer saves these with every checkpoint (trainer_state.pt) and loads them on resume
     def state_dict(self) -> dict:
         return {"updates": self.updates, "decay": self.decay,
                 "nets": {n: m.state_dict() for n, m in self.nets.items()}}

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from genscale import checkpoints as ckpt
@@ -34,9 +35,9 @@ BatchStream = Callable[[int], Iterator[Batch]]  # optimizer step to start at -> 
 
 
 class Progress:
-    """The step counter (and the evaluator's best score), checkpointed through Accelerate's
-    custom-object registry. The evaluator rides along here rather than being registered itself,
-    so a run resumed with --eval-every newly turned on still loads its checkpoints."""
+    """The step counter (and the evaluator's best score), saved with every checkpoint. The
+    evaluator rides along here rather than being saved on its own, so a run resumed with
+    --eval-every newly turned on still loads its checkpoints."""
 
     def __init__(self, evaluator=None) -> None:
         self.step = 0
@@ -64,6 +65,11 @@ def make_accelerator(grad_accum: int, out: Path, log_with: str = "") -> Accelera
     cpu = not torch.cuda.is_available()
     acc = Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum, project_dir=str(out),
                       log_with=log_with or None)
+    if acc.distributed_type == DistributedType.FSDP:
+        # A deepcopy of a sharded module raises, the grids sample on one rank only and the EMA
+        # weights would be saved from rank 0's shards alone: refuse rather than fail later.
+        raise UserError("FSDP is not supported yet (the EMA copy and the sample grids need whole weights); "
+                        "use DDP, e.g. accelerate_configs/multi_gpu.yaml")
     if cpu:
         # accelerate launch pins OMP_NUM_THREADS=1; share the cores between local processes instead.
         threads = int(os.environ.get("GENSCALE_THREADS", "0")) or max(1, (os.cpu_count() or 1) // _local_world())
@@ -89,6 +95,11 @@ class Trainer:
         self.progress = Progress(evaluator)
         self.stop = StopRequest()
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        if len(family.optimizers) > 1 and self.cfg.grad_accum > 1 and accelerator.mixed_precision == "fp16":
+            # Accelerate has one GradScaler for all optimizers: its update() after the first
+            # optimizer's step changes the scale between the second one's accumulated backwards.
+            raise UserError(f"fp16 with --grad-accum {self.cfg.grad_accum} is not supported for {family.name or 'a model'} "
+                            "(two optimizers share one gradient scaler); use bf16 or --grad-accum 1")
 
         names, opt_names = list(family.nets), list(family.optimizers)
         prepared = accelerator.prepare(*[family.nets[n] for n in names],
@@ -98,9 +109,14 @@ class Trainer:
         for opt in family.optimizers.values():
             for group in opt.param_groups:
                 group.setdefault("base_lr", group["lr"])
-        self.ema = EMA({n: accelerator.unwrap_model(family.nets[n]) for n in family.ema_names},
-                       self.cfg.ema_decay)
-        accelerator.register_for_checkpointing(self.progress, self.ema)
+        self.ema = EMA({n: self.plain(n) for n in family.ema_names}, self.cfg.ema_decay)
+        # Progress and EMA are saved by save() and loaded by resume() with weights_only=True, not
+        # registered with Accelerate: its load_custom_state unpickles them with weights_only=False.
+
+    def plain(self, name: str) -> torch.nn.Module:
+        """Network ``name`` without DDP or torch.compile wrappers: its state-dict keys carry no
+        ``module.`` or ``_orig_mod.`` (accelerate keeps the compile wrapper unless told not to)."""
+        return self.acc.unwrap_model(self.family.nets[name], keep_torch_compile=False)
 
     # ---- one optimizer step -------------------------------------------------------------
     def optimize(self, loss: torch.Tensor, name: str) -> None:
@@ -134,6 +150,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp))
         if self.acc.is_main_process:
+            ckpt.save_trainer_state(tmp, {"progress": self.progress.state_dict(), "ema": self.ema.state_dict()})
             ckpt.save_ema_weights(tmp, {n: m.state_dict() for n, m in self.ema.nets.items()})
             ckpt.write_meta(tmp, step, {"world_size": self.acc.num_processes})
         self.acc.wait_for_everyone()
@@ -147,7 +164,19 @@ class Trainer:
         if latest is None:
             return False
         try:
-            self.acc.load_state(str(latest))
+            if ckpt.is_legacy(latest):
+                # Accelerate unpickles its registered objects (weights_only=False) and refuses a
+                # folder whose count differs: register them for this one load of an old checkpoint.
+                self.acc.register_for_checkpointing(self.progress, self.ema)
+                try:
+                    self.acc.load_state(str(latest))
+                finally:
+                    self.acc._custom_objects.clear()
+            else:
+                self.acc.load_state(str(latest))
+                state = ckpt.load_trainer_state(latest)
+                self.progress.load_state_dict(state["progress"])
+                self.ema.load_state_dict(state["ema"])
         except Exception as err:  # noqa: BLE001
             raise UserError(f"checkpoint {latest} could not be loaded ({type(err).__name__}); "
                             "move it aside to resume from the one before", exit_code=1) from None
@@ -179,10 +208,11 @@ class Trainer:
                    desc=self.family.name or "train")
         sums: dict[str, float] = {}
         count, skipped, warning = 0, 0, ""
-        t_last = time.perf_counter()
+        t_last, logged = time.perf_counter(), start  # a resumed run's first log may cover < log_every steps
         while self.progress.step < cfg.steps:
             step = self.progress.step
             lr = self.set_lr(step)
+            bad = False  # a non-finite loss in ANY micro-batch poisons the step's update
             for micro in range(cfg.grad_accum):
                 batch = next(stream)
                 skipped += int(batch.pop("skipped", 0))
@@ -191,37 +221,37 @@ class Trainer:
                 torch.manual_seed(step_seed(cfg.seed, acc.process_index, step, micro))
                 with acc.accumulate(*self.family.nets.values()):
                     logs = self.family.training_step(batch, self.optimize)
+                bad = bad or any(isinstance(v, float) and not math.isfinite(v) for v in logs.values())
                 for k, v in logs.items():
                     if isinstance(v, (int, float)):
                         sums[k] = sums.get(k, 0.0) + float(v)
                     elif k == "warning" and v:
                         warning = str(v)  # e.g. a GAN's "discriminator wins outright"
                 count += 1
-            self.ema.update({n: acc.unwrap_model(self.family.nets[n]) for n in self.ema.nets})
+            self.ema.update({n: self.plain(n) for n in self.ema.nets})
             self.progress.step = step + 1
-            bad = any(isinstance(v, float) and not math.isfinite(v) for v in logs.values())
             stop_now, diverged = self._agree(self.stop.requested, bad)
             if diverged:
                 bar.close()
-                kept = ("the last good checkpoint was kept" if ckpt.latest_checkpoint(self.out) is not None
-                        else "no checkpoint had been saved yet")  # don't promise one that does not exist
-                raise UserError(f"training diverged: the loss became non-finite at step {step + 1}; "
-                                f"{kept} (try a lower --lr)", exit_code=1)
+                self._diverged(step + 1, "the loss")
             bar.update(1)
             bar.set_postfix({k: f"{v / max(count, 1):.4g}" for k, v in list(sums.items())[:3]})
             done = self.progress.step
             if done % cfg.log_every == 0 or done == cfg.steps:
                 now = time.perf_counter()
-                self._log(done, sums, count, skipped, lr, cfg.log_every / max(now - t_last, 1e-9))
+                self._log(done, sums, count, skipped, lr, (done - logged) / max(now - t_last, 1e-9))
                 if warning and acc.is_main_process:
                     tqdm.write(f"warning at step {done}: {warning}")
                     self.metrics.write({"step": done, "kind": "warning", "message": warning})
                 warning = ""
-                sums, count, t_last = {}, 0, now
+                sums, count, t_last, logged = {}, 0, now, done
             if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
                 self.write_grid(done)
             best = self.evaluate(done) if self._eval_due(done) else False
             if done % cfg.ckpt_every == 0 or done == cfg.steps or stop_now or best:
+                if self._agree(False, not self._weights_finite())[1]:  # never publish non-finite weights
+                    bar.close()
+                    self._diverged(done, "a weight")
                 self.save()
             if best and acc.is_main_process:
                 ckpt.keep_as_best(self.out, done)
@@ -257,6 +287,19 @@ class Trainer:
         if self.cfg.log_with:
             self.acc.log({f"eval/{k}": v for k, v in result.items()}, step=step)
         return bool(self.cfg.keep_best and result.get("is_best"))
+
+    def _diverged(self, step: int, what: str) -> None:
+        kept = ("the last good checkpoint was kept" if ckpt.latest_checkpoint(self.out) is not None
+                else "no checkpoint had been saved yet")  # don't promise one that does not exist
+        raise UserError(f"training diverged: {what} became non-finite at step {step}; "
+                        f"{kept} (try a lower --lr)", exit_code=1)
+
+    def _weights_finite(self) -> bool:
+        """Every parameter and buffer of the live and the EMA networks is finite (one host sync)."""
+        tensors = [t for n in self.family.nets for t in self.plain(n).state_dict().values()]
+        tensors += [t for m in self.ema.nets.values() for t in m.state_dict().values()]
+        flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+        return bool(torch.stack(flags).all()) if flags else True
 
     def _agree(self, stop: bool, bad: bool) -> tuple[bool, bool]:
         """Every rank learns whether any rank was signalled or saw a non-finite loss."""

@@ -7,7 +7,7 @@
 # Processes per node = the GPUs SLURM gave this node, or one gloo CPU process when it gave none.
 # Inputs from the batch script: GENSCALE_MAIN_ADDR, GENSCALE_MAIN_PORT; from SLURM: SLURM_NNODES,
 # SLURM_NODEID, SLURM_GPUS_ON_NODE and friends. Optional: GENSCALE_ACCELERATE_CONFIG (a YAML from
-# accelerate_configs/, e.g. fsdp.yaml; the allocation's sizes override its own),
+# accelerate_configs/, e.g. multi_node.yaml; the allocation's sizes override its own),
 # GENSCALE_PROCS_PER_NODE, GENSCALE_MIXED_PRECISION (default bf16 on GPUs, no on CPUs),
 # GENSCALE_DRY_RUN=1 (print the command instead of running it).
 set -euo pipefail
@@ -49,7 +49,7 @@ fi
 launch=(accelerate launch --num_processes "$world" --num_machines "$nodes"
         --num_cpu_threads_per_process "$threads")
 if [[ -n ${GENSCALE_ACCELERATE_CONFIG:-} ]]; then
-    # The YAML picks the strategy (DDP, FSDP) and precision; the allocation decides the sizes.
+    # The YAML picks the strategy (DDP; genscale refuses FSDP) and precision; the allocation decides the sizes.
     launch+=(--config_file "$GENSCALE_ACCELERATE_CONFIG")
 else
     launch+=(--mixed_precision "${GENSCALE_MIXED_PRECISION:-$( (( gpus > 0 )) && echo bf16 || echo no )}"

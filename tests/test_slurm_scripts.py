@@ -69,11 +69,11 @@ def test_single_cpu_node_needs_no_process_group():
 
 
 def test_accelerate_config_picks_the_strategy():
-    config = str(ROOT / "accelerate_configs" / "fsdp.yaml")
+    config = str(ROOT / "accelerate_configs" / "multi_node.yaml")
     cmd, _ = launch({"SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_GPUS_ON_NODE": "8",
                      "GENSCALE_ACCELERATE_CONFIG": config})
     assert flag(cmd, "--config_file") == config and flag(cmd, "--num_processes") == "16"
-    assert "--multi_gpu" not in cmd and "--mixed_precision" not in cmd  # the YAML's FSDP and bf16 apply
+    assert "--multi_gpu" not in cmd and "--mixed_precision" not in cmd  # the YAML's strategy and bf16 apply
 
 
 def sweep(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:

@@ -1,7 +1,9 @@
 """Evaluation during training (``--eval-every K``): the trainer's hook, called on every rank.
 
     evaluator = TrainingEvaluator(run, info, accelerator)   # fails now if it could not work
-    accelerator.register_for_checkpointing(evaluator)       # the best score survives a resume
+    trainer = Trainer(run, family, stream, accelerator, labels, evaluator)
+    # the trainer keeps it inside its Progress (trainer_state.pt of every checkpoint), so the
+    # best score survives a resume, also one that newly turns --eval-every on
     ...
     with family.using(ema.nets):
         result = evaluator(family, step)                     # every rank, the same step
@@ -108,7 +110,7 @@ class TrainingEvaluator:
             pick = max if HIGHER_IS_BETTER[self.metric] else min
             self.best, self.best_step = pick(scores, key=lambda s: s[0])
 
-    # register_for_checkpointing needs these two: the best score survives a resume.
+    # Progress (genscale/trainer.py) saves and loads these: the best score survives a resume.
     def state_dict(self) -> dict:
         return {"metric": self.metric, "best": self.best, "best_step": self.best_step}
 
