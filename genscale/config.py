@@ -112,7 +112,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str
 def _load_file(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file {path} does not exist")
+        raise UserError(f"config file {path} {'is a folder' if p.is_dir() else 'does not exist'}")
     try:
         text = p.read_text()
         if p.suffix in (".yaml", ".yml"):
@@ -125,6 +125,9 @@ def _load_file(path: str) -> dict[str, Any]:
         raise UserError(f"config file {path} could not be parsed: {err}".splitlines()[0]) from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of option names to values")
+    if isinstance(data.get("train"), dict) and isinstance(data.get("options"), dict):
+        # a run's config.json: its two sections are the flags (a run's own folder resumes it with --out)
+        data = {k: v for k, v in {**data["train"], **data["options"]}.items() if k != "out"}
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 

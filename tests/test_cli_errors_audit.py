@@ -253,3 +253,23 @@ def test_evaluate_folder_with_an_unreadable_image(tmp_path, capsys):
     extractor = SimpleNamespace(device="cpu", dim=4, resizer=lambda: None)
     with pytest.raises(UserError, match="a.png"):
         file_features([str(folder / "b.png"), str(folder / "a.png")], extractor)
+
+
+def test_config_option_that_is_a_folder_or_a_runs_config(tiny_run, tmp_path):
+    with pytest.raises(UserError, match="is a folder"):  # said "does not exist" of a folder that exists
+        parse_train_args(["--config", str(tmp_path)])
+    # a run's config.json (train and options sections) was "unknown keys: data_info, device, ..."
+    run = parse_train_args(["--config", str(tiny_run / "config.json"), "--steps", "5"])
+    recorded = json.loads((tiny_run / "config.json").read_text())
+    assert run.train.steps == 5 and run.train.batch_size == recorded["train"]["batch_size"] == 8
+    assert run.options.base_width == recorded["options"]["base_width"] == 16
+    assert run.train.out != recorded["train"]["out"]  # a copy of the settings, not a resume of that run
+
+
+def test_vae_image_size_error_names_the_image_size(tmp_path, cache, monkeypatch):
+    from genscale.train import main
+
+    monkeypatch.setenv("GENSCALE_CACHE", str(cache))
+    # said "the autoencoder's downsampling factor must be a power of two, got 10"
+    with pytest.raises(UserError, match="needs an image size that is a power of two, got 10"):
+        main(["--model", "vae", "--image-size", "10", "--out", str(tmp_path / "run")])

@@ -52,6 +52,10 @@ PRESET = {"data": "digits", "image_size": 8, "steps": 6000, "batch_size": 64, "l
 
 
 def build_vae(options: Options, info: DataInfo) -> ConvVAE:
+    size = info.image_size
+    if not options.downsample and size & (size - 1):  # the factor is the image size: say so in its terms
+        raise ValueError(f"a flat latent (--downsample 0) needs an image size that is a power of two, got {size}; "
+                         "pick another --image-size or a --downsample that divides it")
     return ConvVAE(info.channels, info.image_size, options.downsample or info.image_size, options.z_channels,
                    options.width)
 
