@@ -335,4 +335,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from genscale.cli import run_main  # noqa: E402 - Ctrl-C: "interrupted" and exit 130, no traceback
+
+    run_main(main)

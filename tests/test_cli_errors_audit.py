@@ -273,3 +273,32 @@ def test_vae_image_size_error_names_the_image_size(tmp_path, cache, monkeypatch)
     # said "the autoencoder's downsampling factor must be a power of two, got 10"
     with pytest.raises(UserError, match="needs an image size that is a power of two, got 10"):
         main(["--model", "vae", "--image-size", "10", "--out", str(tmp_path / "run")])
+
+
+def test_write_shards_into_an_interrupted_write_says_so(tmp_path):
+    from genscale.data.write_shards import main
+
+    np.savez(tmp_path / "x.npz", np.zeros((4, 8, 8), np.uint8))
+    (tmp_path / "out" / "train").mkdir(parents=True)  # what Ctrl-C leaves: shards, no info.json yet
+    with pytest.raises(UserError, match="unfinished write .* remove it"):
+        main([str(tmp_path / "x.npz"), str(tmp_path / "out"), "--quiet"])
+
+
+def test_ctrl_c_during_evaluate_is_one_line(tiny_run, cache, tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GENSCALE_THREADS": "1", "GENSCALE_CACHE": str(cache)}
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "genscale" / "evaluate.py"), "--run", str(tiny_run),
+                                 "--metric", "fid", "--num", "100000", "--sampling-steps", "20"],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 120
+        while "fid samples" not in log.read_text() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    stderr = log.read_text()
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]  # was a KeyboardInterrupt traceback
+    assert stderr.rstrip().endswith("interrupted")

@@ -79,9 +79,11 @@ def write_shards(src: str, out_dir: str, kind: str = "auto", maxcount: int = 100
         raise UserError("--maxcount and --maxsize must be positive.")
     if not 0.0 <= test_fraction < 1.0:
         raise UserError(f"--test-fraction must be in [0, 1), got {test_fraction}.")
-    if os.path.exists(os.path.join(out_dir, INFO_FILE)) or any(
-            os.path.exists(os.path.join(out_dir, s)) for s in SPLITS):
+    if os.path.exists(os.path.join(out_dir, INFO_FILE)):
         raise UserError(f"{out_dir} already holds shards; choose an empty folder.")
+    if any(os.path.exists(os.path.join(out_dir, s)) for s in SPLITS):  # info.json is written last
+        raise UserError(f"{out_dir} already holds shards of an unfinished write (no {INFO_FILE}); "
+                        "remove it or choose an empty folder.")
     source = read_source(src, kind, dataset=dataset, direction=direction)
     splits = assign_splits(source.records, test_fraction, seed)
     try:
