@@ -27,6 +27,7 @@ import math
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from genscale.applications.tasks import TASKS, add_task_arguments, run_task
 from genscale.checkpoints import load_ema_weights
@@ -110,11 +111,17 @@ def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, 
     options = {k: v for k, v in dict(cfg_scale=cfg_scale, sampler=sampler, sampling_steps=sampling_steps).items()
                if v is not None}
     chunks = []
+    # One batch shows the sampler's own bar (its steps); several show one bar over all the images,
+    # not a sampler bar that restarts at zero for each batch (and none at all for GANs and VAEs).
+    several = num > batch_size
+    bar = tqdm(total=num, desc="samples", unit="img", disable=not (progress and several), dynamic_ncols=True)
     for start in range(0, num, batch_size):
         n = min(batch_size, num - start)
         lab = None if label_tensor is None else label_tensor[start:start + n].to(device)
-        images = family.sample(n, labels=lab, generator=gen, progress=progress, **options)
+        images = family.sample(n, labels=lab, generator=gen, progress=progress and not several, **options)
         chunks.append(to_uint8(images))
+        bar.update(n)
+    bar.close()
     out_labels = (label_tensor.numpy() if label_tensor is not None else np.full(num, -1)).astype(np.int64)
     return np.concatenate(chunks), out_labels
 

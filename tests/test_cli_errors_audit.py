@@ -302,3 +302,28 @@ def test_ctrl_c_during_evaluate_is_one_line(tiny_run, cache, tmp_path):
     stderr = log.read_text()
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]  # was a KeyboardInterrupt traceback
     assert stderr.rstrip().endswith("interrupted")
+
+
+def test_sampling_in_several_batches_shows_one_bar(tiny_run, capsys):
+    from genscale.sample import generate
+
+    images, labels = generate(str(tiny_run), 6, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    # was three DDIM bars of 3 steps each, restarting at 0, and no count of the images
+    assert "samples" in err and "6/6" in err and "DDIM" not in err
+    quiet, _ = generate(str(tiny_run), 6, batch_size=2, progress=False)
+    assert np.array_equal(images, quiet) and images.shape == (6, 8, 8, 1) and list(labels) == [0, 1, 2, 3, 4, 5]
+
+
+def test_info_json_with_a_value_of_the_wrong_type(tmp_path):
+    from genscale.data import resolve_data
+    from genscale.data.write_shards import write_shards
+
+    src = tmp_path / "x.npz"
+    np.savez(src, np.zeros((4, 8, 8), np.uint8))
+    write_shards(str(src), str(tmp_path / "shards"), test_fraction=0.0, progress=False)
+    info = json.loads((tmp_path / "shards" / "info.json").read_text())
+    (tmp_path / "shards" / "info.json").write_text(json.dumps({**info, "channels": "x"}))
+    # said: "info.json lacks a valid invalid literal for int() with base 10: 'x' entry."
+    with pytest.raises(UserError, match="holds a value of the wrong type"):
+        resolve_data(str(tmp_path / "shards"), "train", None)

@@ -108,8 +108,10 @@ def _described(urls: list[str], split: str, name: str, folder: str, count: bool)
                         paired=bool(info.get("paired", False)), split=split,
                         num_samples=counts.get(split) if count else None,
                         class_names=list(info.get("class_names") or []))
-    except (KeyError, TypeError, ValueError) as exn:
-        raise UserError(f"{os.path.join(folder, 'info.json')} lacks a valid {exn} entry.") from None
+    except KeyError as exn:
+        raise UserError(f"{os.path.join(folder, 'info.json')} lacks a {exn.args[0]!r} entry.") from None
+    except (TypeError, ValueError) as exn:  # e.g. "channels": "x"
+        raise UserError(f"{os.path.join(folder, 'info.json')} holds a value of the wrong type ({exn}).") from None
 
 
 def _from_files(urls: list[str], split: str, spec: str, name: str) -> ShardSet:
