@@ -179,6 +179,10 @@ def train(run: RunConfig, last: bool = True) -> int:
     except ValueError as err:  # e.g. an image size the networks cannot take
         raise UserError(str(err)) from None
     check_checkpoint_fits(run, family)
+    if cfg.eval_every > 0:  # before the run folder and the process group: nothing to clean up
+        from genscale.metrics.training import check_family_fits
+
+        check_family_fits(cfg.eval_metric, family, cfg.model)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -327,3 +327,17 @@ def test_info_json_with_a_value_of_the_wrong_type(tmp_path):
     # said: "info.json lacks a valid invalid literal for int() with base 10: 'x' entry."
     with pytest.raises(UserError, match="holds a value of the wrong type"):
         resolve_data(str(tmp_path / "shards"), "train", None)
+
+
+@pytest.mark.parametrize("model, metric, fragment", [
+    ("gan", "accuracy", "needs a class-conditional model"),  # scored chance agreement with unseen labels
+    ("vae", "psnr", "needs a model that fills holes"),  # failed at the first evaluation, after training
+])
+def test_eval_metric_the_model_cannot_serve(tmp_path, cache, monkeypatch, model, metric, fragment):
+    from genscale.train import main
+
+    monkeypatch.setenv("GENSCALE_CACHE", str(cache))
+    with pytest.raises(UserError, match=fragment):
+        main(["--model", model, "--steps", "4", "--eval-every", "2", "--eval-metric", metric, "--eval-num", "20",
+              "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made

@@ -31,6 +31,20 @@ HIGHER_IS_BETTER = {"fid": False, "kid": False, "accuracy": True, "psnr": True}
 METRICS = tuple(HIGHER_IS_BETTER)
 
 
+def check_family_fits(metric: str, family, model: str) -> None:
+    """What the data alone cannot tell: labelled digits under an unconditional model (gan, vae)
+    would score the judge's chance agreement with labels the samples never saw, and a model that
+    fills no holes would fail at the first evaluation, after the steps before it were trained."""
+    from genscale.inpainting import can_inpaint
+
+    if metric == "accuracy" and not getattr(family, "num_classes", 0):
+        raise UserError(f"--eval-metric accuracy needs a class-conditional model; {model} generates without "
+                        "labels (use --eval-metric fid or kid).")
+    if metric == "psnr" and not can_inpaint(family):
+        raise UserError(f"--eval-metric psnr needs a model that fills holes (inpaint, gan-inpaint, transformer, "
+                        f"ddpm); {model} does not.")
+
+
 class TrainingEvaluator:
     def __init__(self, run, info, accelerator=None):
         cfg = run.train
