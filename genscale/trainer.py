@@ -60,15 +60,27 @@ def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step * 131 + micro) % (2**63 - 1)
 
 
+def sharded_weights(acc) -> str:
+    """The name of the launch's weight sharding (FSDP, DeepSpeed ZeRO-3), or "" when every rank
+    holds whole weights (DDP, ZeRO-1/2, one process)."""
+    if acc.distributed_type == DistributedType.FSDP:
+        return "FSDP"
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if acc.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3:
+        return "DeepSpeed ZeRO-3"
+    return ""
+
+
 def make_accelerator(grad_accum: int, out: Path, log_with: str = "") -> Accelerator:
     """One process group for the launch: on a GPU-less machine N gloo processes (cpu=True)."""
     cpu = not torch.cuda.is_available()
     acc = Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum, project_dir=str(out),
                       log_with=log_with or None)
-    if acc.distributed_type == DistributedType.FSDP:
+    sharded = sharded_weights(acc)
+    if sharded:
         # A deepcopy of a sharded module raises, the grids sample on one rank only and the EMA
         # weights would be saved from rank 0's shards alone: refuse rather than fail later.
-        raise UserError("FSDP is not supported yet (the EMA copy and the sample grids need whole weights); "
+        raise UserError(f"{sharded} is not supported yet (the EMA copy and the sample grids need whole weights); "
                         "use DDP, e.g. accelerate_configs/multi_gpu.yaml")
     if cpu:
         # accelerate launch pins OMP_NUM_THREADS=1; share the cores between local processes instead.

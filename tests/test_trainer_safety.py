@@ -108,6 +108,21 @@ def test_fsdp_is_refused_in_one_sentence(tmp_path, monkeypatch):
     assert not (trainer_module.Path(__file__).parents[1] / "accelerate_configs" / "fsdp.yaml").exists()
 
 
+def test_deepspeed_zero3_counts_as_sharded_and_zero2_does_not():
+    from types import SimpleNamespace
+
+    from genscale.trainer import sharded_weights
+
+    def launch(kind, stage=None):
+        plugin = SimpleNamespace(zero_stage=stage) if stage is not None else None
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    assert sharded_weights(launch(DistributedType.DEEPSPEED, 3)) == "DeepSpeed ZeRO-3"
+    assert sharded_weights(launch(DistributedType.DEEPSPEED, 2)) == ""
+    assert sharded_weights(launch(DistributedType.FSDP)) == "FSDP"
+    assert sharded_weights(launch(DistributedType.MULTI_GPU)) == ""
+
+
 # ---- 4. fp16 with two optimizers and accumulation ---------------------------------------------
 def gan_trainer(tmp_path, grad_accum: int) -> Trainer:
     module = family_module("gan")
