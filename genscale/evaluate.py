@@ -145,7 +145,10 @@ def evaluate(args: argparse.Namespace, acc) -> dict:
         family, info, step = load_family(args.run, acc.device)
         check_sampling_options(family, args.sampling_steps)
         shape = (info.image_size, info.image_size, info.channels)
-        labels = parse_labels(args.labels, args.num, info.num_classes)
+        # The family, not the data, says whether samples have labels (as in sample.generate): a
+        # vae or gan on the labelled digits draws without them, and "accuracy" would score chance.
+        classes = int(getattr(family, "num_classes", info.num_classes) or 0)  # Family declares it; stubs may not
+        labels = parse_labels(None if classes == 0 and args.labels == "all" else args.labels, args.num, classes)
         num = args.num
     elif Path(args.samples).is_dir():
         shape, num = _folder_shape(args.samples), None
@@ -177,7 +180,7 @@ def evaluate(args: argparse.Namespace, acc) -> dict:
         result = ev.distance(feats, noise_shape=tuple(shape))
     elif args.metric == "accuracy":
         if family is not None and labels is None:
-            raise UserError(f"The accuracy metric needs a class-conditional run; {args.run} was trained "
+            raise UserError(f"The accuracy metric needs a class-conditional run; {args.run} draws samples "
                             "without labels.")
         if labels is None or (np.asarray(labels) < 0).any():
             raise UserError("The accuracy metric needs the intended class of every sample (arr_1).")

@@ -341,3 +341,18 @@ def test_eval_metric_the_model_cannot_serve(tmp_path, cache, monkeypatch, model,
         main(["--model", model, "--steps", "4", "--eval-every", "2", "--eval-metric", metric, "--eval-num", "20",
               "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()  # refused before the run folder is made
+
+
+def test_evaluate_accuracy_of_an_unconditional_run(tmp_path, cache, capsys):
+    from genscale import evaluate
+
+    out = tmp_path / "vae"
+    proc = train_proc(cache, "--model", "vae", "--steps", "2", "--sample-every", "0", "--num-workers", "1",
+                      "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the vae trains on the labelled digits but draws without labels: this printed an "accuracy"
+    # of the judge against labels the samples never saw (0.1000, exit 0)
+    assert evaluate.main(["--run", str(out), "--metric", "accuracy", "--num", "20"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    one_error_line(captured.err, "needs a class-conditional run")

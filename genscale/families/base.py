@@ -39,6 +39,7 @@ class Family:
 
     name: str = ""
     ema_names: tuple[str, ...] = ()
+    num_classes: int = 0  # > 0: sample() draws the classes it is given; 0: it draws without labels
 
     def __init__(self) -> None:
         self.nets: dict[str, nn.Module] = {}
