@@ -79,11 +79,14 @@ def parse_labels(spec: str | None, num: int, num_classes: int) -> torch.Tensor |
     return torch.tensor(chosen)[torch.arange(num) % len(chosen)]
 
 
-def check_sampling_options(family: Family, sampling_steps: int | None = None, batch_size: int = 1) -> None:
+def check_sampling_options(family: Family, sampling_steps: int | None = None, batch_size: int = 1,
+                           cfg_scale: float | None = None) -> None:
     """Raise UserError for sampler settings the family would reject with a traceback (or, for 0
-    steps, silently replace by its default)."""
+    steps, silently replace by its default; for a nan guidance scale, turn into blank images)."""
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
+    if cfg_scale is not None and not math.isfinite(cfg_scale):
+        raise UserError(f"--cfg-scale must be a finite number, got {cfg_scale}")
     if sampling_steps is None:
         return
     timesteps = getattr(getattr(family, "opts", None), "timesteps", None)
@@ -100,7 +103,7 @@ def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, 
         raise UserError(f"--num must be positive, got {num}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     family, info, _ = load_family(run_dir, device)
-    check_sampling_options(family, sampling_steps, batch_size)
+    check_sampling_options(family, sampling_steps, batch_size, cfg_scale)
     # The family, not the data, says whether a run is conditional: gan, dcgan and vae train on the
     # labelled digits (info.num_classes 10) but generate without labels; their outputs are -1.
     classes = int(getattr(family, "num_classes", 0) or 0)

@@ -110,6 +110,7 @@ def test_usage_errors_are_one_line(capsys, tmp_path):
     (["--batch-size", "-2"], "--batch-size must be positive"),  # was need at least one array to concatenate
     (["--sampling-steps", "0"], "--sampling-steps must be between 1 and 20"),  # was silently the default
     (["--sampling-steps", "500"], "--sampling-steps must be between 1 and 20"),  # was a ValueError traceback
+    (["--cfg-scale", "nan"], "--cfg-scale must be a finite number"),  # was blank images and exit 0
 ])
 def test_sample_bad_numbers(tiny_run, tmp_path, args, fragment):
     from genscale.sample import main
