@@ -78,8 +78,14 @@ def test_task_writes_grid_and_uint8_npz_and_is_seeded(task, runs, tmp_path, caps
     ("gan", ["--task", "denoise", "--input", "{root}/images.npz"], "needs a diffusion run"),
     ("denoiser", ["--task", "hybrid"], "denoiser run does --task denoise only"),
     ("ddpm", ["--task", "denoise", "--input", "{root}/images.npz", "--t", "20"], "--t must be a timestep"),
+    ("ddpm", ["--task", "denoise", "--input", "{root}/truncated.npz"], "is not a readable .npz"),
+    ("ddpm", ["--task", "img2img", "--input", "{root}/images.npz", "--steps", "0"], "--steps must be at least 1"),
+    ("ddpm", ["--task", "img2img", "--input", "{root}/images.npz", "--batch-size", "0"], "--batch-size must be"),
+    ("ddpm", ["--task", "anagram", "--num", "0"], "--num must be at least 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(run, argv, message, runs, tmp_path, capsys):
+    whole = (runs["root"] / "images.npz").read_bytes()
+    (runs["root"] / "truncated.npz").write_bytes(whole[: len(whole) // 2])  # a copy cut short
     argv = [a.format(root=runs["root"]) for a in argv]
     code, _, err = cli(["--run", runs[run], "--out", tmp_path / "x", *argv], capsys)
     assert code == 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,7 @@ def load_images(spec: str | None, run_dir: str, image_size: int, channels: int,
             with np.load(path, allow_pickle=False) as data:
                 images = data["arr_0"]
                 labels = data["arr_1"] if "arr_1" in data else None
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # truncated / not a zip
             raise UserError(f"--input {spec} is not a readable .npz with an arr_0 array") from None
     elif path.suffix.lower() in (".png", ".jpg", ".jpeg"):
         from PIL import Image

@@ -57,15 +57,23 @@ def _labels(dm, spec: str | None, n: int) -> torch.Tensor | None:
     return parse_labels(spec, n, dm.num_classes).to(dm.device)
 
 
+def _or(value: int | None, default: int) -> int:
+    """A flag's value, or the task's default when the flag was not given (0 is a value, not unset)."""
+    return default if value is None else value
+
+
 def run_task(args: argparse.Namespace) -> list[Path]:
     """Run ``args.task`` on ``args.run``; returns the files written."""
     from genscale.sample import inpaint_task, load_family
 
     check_out(args.out)
+    for flag, value in (("--num", args.num), ("--batch-size", args.batch_size), ("--steps", args.steps)):
+        if value is not None and value < 1:  # None: the task's default
+            raise UserError(f"{flag} must be at least 1, got {value}")
     if args.task == "inpaint":
         if not args.input or not args.mask:
             raise UserError("--task inpaint needs --input IMAGES.npz and --mask MASKS.npz")
-        options = dict(steps=args.steps or 100, jump_length=args.jump_length, jump_count=args.jump_count,
+        options = dict(steps=_or(args.steps, 100), jump_length=args.jump_length, jump_count=args.jump_count,
                        labels=args.labels, cfg_scale=args.cfg_scale, progress=True)
         return inpaint_task(args.run, args.input, args.mask, args.out, args.seed, args.batch_size, options=options)
     if args.mask:
@@ -94,7 +102,7 @@ def run_task(args: argparse.Namespace) -> list[Path]:
         from genscale.applications.denoise import denoise
 
         t = dm.timesteps // 2 if args.t is None else args.t
-        r = denoise(dm, x, t, steps=args.steps or 20, blur_sigma=args.blur_sigma,
+        r = denoise(dm, x, t, steps=_or(args.steps, 20), blur_sigma=args.blur_sigma,
                     labels=_labels(dm, args.labels, len(x)), cfg_scale=cfg, eta=args.eta, generator=gen)
         print("PSNR (dB) at t=%d: " % t + ", ".join(f"{k} {v:.2f}" for k, v in r.psnr().items()))
         grid = columns_grid([r.clean, r.noisy, r.blur, r.one_step, *r.trace, r.iterative])
@@ -102,7 +110,7 @@ def run_task(args: argparse.Namespace) -> list[Path]:
     from genscale.applications.sdedit import distances, parse_levels, sdedit
 
     levels = parse_levels(args.levels)
-    edits = sdedit(dm, x, levels, labels=_labels(dm, args.labels, len(x)), cfg_scale=cfg, steps=args.steps or 50,
+    edits = sdedit(dm, x, levels, labels=_labels(dm, args.labels, len(x)), cfg_scale=cfg, steps=_or(args.steps, 50),
                    eta=args.eta, generator=gen)
     print("distance to the guide (RMS) by level: " + ", ".join(
         f"{lv:g}: {d:.4f}" for lv, d in zip(levels, distances(edits, x))))
@@ -124,7 +132,7 @@ def _generate(args: argparse.Namespace, dm, cfg: float, gen: torch.Generator) ->
     dm.require_pixels(args.task)
     if dm.num_classes == 0:
         raise UserError(f"--task {args.task} needs a class-conditional run (one class per view or band)")
-    steps = args.steps or min(50, dm.timesteps)
+    steps = _or(args.steps, min(50, dm.timesteps))
     if not 1 <= steps <= dm.timesteps:
         raise UserError(f"--steps must be between 1 and {dm.timesteps}, got {steps}")
     if args.task == "anagram":
