@@ -60,6 +60,15 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def read_meta(path: Path) -> dict:
+    """A checkpoint's meta.json (step, world size); {} when it cannot be read."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def write_meta(path: Path, step: int, extra: dict | None = None) -> None:
     meta = {"step": step, **(extra or {})}
     tmp = path / "meta.json.tmp"

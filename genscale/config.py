@@ -250,5 +250,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if cfg.lr <= 0:
         raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.keep_best and cfg.eval_every <= 0:
+        raise UserError("--keep-best keeps the best evaluated checkpoint, so it needs --eval-every N")
     if cfg.log_with not in ("", "tensorboard", "wandb"):
         raise UserError(f"--log-with must be tensorboard or wandb, got {cfg.log_with!r}")

@@ -49,7 +49,8 @@ def batch_stream(cfg: TrainConfig, shards, info: DataInfo, rank: int, world: int
 
 # Flags that shape the data stream or the random draws: changing them on resume is allowed
 # (e.g. to train longer) but the resumed run no longer equals an uninterrupted one.
-STREAM_FLAGS = ("data", "seed", "batch_size", "grad_accum", "num_workers", "batches_per_epoch", "image_size")
+STREAM_FLAGS = ("data", "seed", "batch_size", "grad_accum", "num_workers", "batches_per_epoch", "image_size",
+                "shuffle_buffer", "flip")
 
 
 def check_same_run(run: RunConfig) -> None:
@@ -145,8 +146,14 @@ def train_autoencoder_first(run: RunConfig) -> str | None:
 
     cfg = run.train
     out = Path(cfg.out) / AUTOENCODER_FOLDER
+    # The data stream's flags carry over; batch size, lr and steps are the vae preset's (the recipe's
+    # optimisation was measured with them), steps overridable with --autoencoder-steps.
     argv = ["--model", "vae", "--data", cfg.data, "--image-size", str(cfg.image_size), "--seed", str(cfg.seed),
-            "--num-workers", str(cfg.num_workers), "--out", str(out)]
+            "--num-workers", str(cfg.num_workers), "--shuffle-buffer", str(cfg.shuffle_buffer),
+            "--batches-per-epoch", str(cfg.batches_per_epoch), "--flip" if cfg.flip else "--no-flip",
+            "--out", str(out)]
+    if cfg.log_with:
+        argv += ["--log-with", cfg.log_with]
     for flag, value in AUTOENCODER_RECIPE.items():
         argv += [f"--{flag}", value]
     if cfg.cache_dir:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -194,6 +195,11 @@ class Trainer:
                             "move it aside to resume from the one before", exit_code=1) from None
         self.acc.step = 0  # micro-batch counter: every checkpoint sits on a step boundary
         self.acc.project_configuration.iteration = self.progress.step
+        saved_world = ckpt.read_meta(latest).get("world_size")
+        if saved_world not in (None, self.acc.num_processes) and self.acc.is_main_process:
+            # Each rank's data stream and seeds depend on its rank and the world size.
+            print(f"warning: resuming {self.out} with {self.acc.num_processes} processes, saved with {saved_world}; "
+                  "the run continues but will not match an uninterrupted one", file=sys.stderr)
         return True
 
     # ---- the loop -----------------------------------------------------------------------

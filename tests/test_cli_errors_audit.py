@@ -357,3 +357,29 @@ def test_evaluate_accuracy_of_an_unconditional_run(tmp_path, cache, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     one_error_line(captured.err, "needs a class-conditional run")
+
+
+def test_keep_best_without_evaluations_is_refused():
+    # --keep-best alone was accepted and did nothing: there is no score to keep the best of
+    with pytest.raises(UserError, match="--keep-best .* needs --eval-every"):
+        parse_train_args(["--keep-best"])
+    assert parse_train_args(["--keep-best", "--eval-every", "5"]).train.keep_best
+
+
+def test_resume_with_a_changed_stream_warns(tiny_run, cache):
+    proc = train_proc(cache, *TINY, "--steps", "3", "--flip", "--shuffle-buffer", "7", "--out", str(tiny_run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "with changed shuffle_buffer, flip" in proc.stderr  # both change what each rank reads
+
+
+def test_ldm_autoencoder_phase_takes_the_stream_flags(tmp_path, monkeypatch):
+    import genscale.train as train_module
+
+    seen = []
+    monkeypatch.setattr(train_module, "train", lambda run, last=True: seen.append(run) or 0)
+    run = parse_train_args(["--model", "ldm", "--flip", "--shuffle-buffer", "17", "--batches-per-epoch", "9",
+                            "--batch-size", "5", "--out", str(tmp_path / "ldm")])
+    train_module.train_autoencoder_first(run)
+    ae = seen[0].train
+    assert (ae.model, ae.flip, ae.shuffle_buffer, ae.batches_per_epoch) == ("vae", True, 17, 9)
+    assert ae.batch_size != 5  # the vae preset's batch size, not the diffusion's

@@ -267,3 +267,12 @@ def test_first_log_after_resume_counts_the_steps_it_covers(tmp_path, monkeypatch
     train_toy(tmp_path, family_hook=one_second_per_step, steps=8, log_every=2)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["steps_per_s"]) for r in rows] == [(2, 1.0), (3, 1.0), (4, 1.0), (6, 1.0), (8, 1.0)]
+
+
+def test_resume_with_another_world_size_warns(tmp_path, capsys):
+    train_toy(tmp_path, steps=4)
+    meta = tmp_path / "checkpoints" / "step-00000004" / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "world_size": 2}))
+    capsys.readouterr()
+    train_toy(tmp_path, steps=6)
+    assert "with 1 processes, saved with 2" in capsys.readouterr().err
