@@ -257,6 +257,20 @@ def test_bad_specs_give_one_sentence(tmp_path, make, split, fragment):
     assert err.value.exit_code == 2 and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("keep", [lambda n: n // 2 + 100, lambda n: n // 2 // 4096 * 4096],
+                         ids=["mid-block", "on-a-page"])  # the latter: an interrupted copy of whole pages
+def test_a_shard_cut_short_is_refused_not_read_as_fewer_images(tmp_path, keep):
+    folder = _write(tmp_path, "cut", [{"__key__": f"k{i:03d}", "png": grey(i % 200)} for i in range(40)])
+    shard = folder / "000000.tar"
+    whole = shard.read_bytes()
+    assert len(resolve_data(str(folder)).urls) == 1  # complete: accepted
+    shard.write_bytes(whole[: keep(len(whole))])
+    with tarfile.open(shard) as tar:  # what went unnoticed: tarfile reads the rest as a shorter archive
+        assert 0 < len(tar.getmembers()) < 80
+    with pytest.raises(UserError, match="000000.tar is cut short"):
+        resolve_data(str(folder))
+
+
 def test_shard_set_is_a_plain_dataclass():
     s = ShardSet(urls=["a.tar"], name="x", channels=3, image_size=64, num_classes=0)
     info = s.data_info()

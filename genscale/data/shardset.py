@@ -132,6 +132,21 @@ def _check_tars(urls: list[str]) -> None:
             raise UserError(f"{url} is not a file.")
         if not tarfile.is_tarfile(url):
             raise UserError(f"{url} is not a tar archive.")
+        if not _ends_like_a_tar(url):
+            raise UserError(f"{url} is cut short (it lacks the end-of-archive blocks of a complete tar); "
+                            "copy it again or write the shards anew.")
+
+
+def _ends_like_a_tar(path: str) -> bool:
+    """A complete tar is whole 512-byte blocks ending in two zero blocks (the end-of-archive
+    marker). A shard cut short by an interrupted copy lacks them, and tarfile and WebDataset would
+    read it as a shorter archive without a word: training would silently see fewer images."""
+    size = os.path.getsize(path)
+    if size < 1024 or size % 512:
+        return False
+    with open(path, "rb") as fh:
+        fh.seek(size - 1024)
+        return not any(fh.read(1024))
 
 
 def _peeked(urls: list[str], split: str, name: str) -> ShardSet:
