@@ -12,7 +12,6 @@ import types
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
@@ -23,17 +22,9 @@ from genscale.errors import UserError
 from genscale.families import family_module
 from genscale.families.base import DataInfo
 from genscale.trainer import Trainer, make_accelerator
-from tests.test_trainer import train_toy, weights
+# fresh_accelerate_state: the same autouse fixture as there (each test gets a new Accelerate state)
+from tests.test_trainer import fresh_accelerate_state, train_toy, weights  # noqa: F401
 from tests.toy_family import ToyFamily, stream_factory, toy_run
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def all_finite(path) -> bool:
