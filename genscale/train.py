@@ -71,6 +71,21 @@ def check_same_run(run: RunConfig) -> None:
               "will not match an uninterrupted one", file=sys.stderr)
 
 
+def check_attention_levels(family) -> None:
+    """--attention-res names pixel resolutions of U-Net levels; one that no level has would silently
+    build no attention (the 8 px preset's 4 at --image-size 32, say)."""
+    net = family.nets.get("model")
+    net = getattr(net, "unet", net)  # ldm: the U-Net inside the latent model
+    refuse_unused_attention(getattr(net, "unused_attention", ()), getattr(net, "level_resolutions", []))
+
+
+def refuse_unused_attention(unused, levels: list[int]) -> None:
+    if unused:
+        raise UserError(f"--attention-res {','.join(map(str, unused))} is not a resolution of this U-Net, whose levels "
+                        f"work at {','.join(map(str, levels))} px; choose among those (e.g. --attention-res "
+                        f"{levels[-1]}), or --attention-res '' for none")
+
+
 def check_checkpoint_fits(run: RunConfig, family) -> None:
     """Refuse to resume when the latest checkpoint's networks have other shapes than the ones these
     flags build (e.g. a changed --base-width): found here, before config.json is rewritten with the
@@ -143,8 +158,14 @@ def train_autoencoder_first(run: RunConfig) -> str | None:
     None when it was stopped before its last step."""
     from genscale.checkpoints import list_checkpoints
     from genscale.families.ldm import AUTOENCODER_FOLDER, AUTOENCODER_RECIPE
+    from genscale.models.unet import level_resolutions
 
     cfg = run.train
+    # Refused now rather than after the autoencoder's minutes of training: the U-Net's levels
+    # follow from the recipe's latent size.
+    latent = max(2, cfg.image_size // int(AUTOENCODER_RECIPE["downsample"]))  # 1x1 latents are folded to 2x2
+    levels = level_resolutions(latent, run.options.channel_mults)
+    refuse_unused_attention(tuple(r for r in run.options.attention_res if r not in levels), levels)
     out = Path(cfg.out) / AUTOENCODER_FOLDER
     # The data stream's flags carry over; batch size, lr and steps are the vae preset's (the recipe's
     # optimisation was measured with them), steps overridable with --autoencoder-steps.
@@ -185,6 +206,7 @@ def train(run: RunConfig, last: bool = True) -> int:
         family = module.FAMILY(cfg, run.options, info)
     except ValueError as err:  # e.g. an image size the networks cannot take
         raise UserError(str(err)) from None
+    check_attention_levels(family)
     check_checkpoint_fits(run, family)
     if cfg.eval_every > 0:  # before the run folder and the process group: nothing to clean up
         from genscale.metrics.training import check_family_fits

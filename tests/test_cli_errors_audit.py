@@ -383,3 +383,16 @@ def test_ldm_autoencoder_phase_takes_the_stream_flags(tmp_path, monkeypatch):
     ae = seen[0].train
     assert (ae.model, ae.flip, ae.shuffle_buffer, ae.batches_per_epoch) == ("vae", True, 17, 9)
     assert ae.batch_size != 5  # the vae preset's batch size, not the diffusion's
+
+
+@pytest.mark.parametrize("model, fragment", [("ddpm", "--attention-res 4 is not a resolution of this U-Net, whose "
+                                                      "levels work at 32,16 px"),
+                                             ("ldm", "--attention-res 2 is not a resolution of this U-Net, whose "
+                                                     "levels work at 8 px")])
+def test_attention_at_no_level_of_the_unet_is_refused(model, fragment, tmp_path, cache):
+    # The 8 px presets' attention resolutions at --image-size 32 built no attention at all, silently
+    # (ldm: refused before its autoencoder is trained, not minutes later).
+    proc = train_proc(cache, "--model", model, "--image-size", "32", "--steps", "1", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    one_error_line(proc.stderr, fragment)
+    assert not (tmp_path / "r").exists()

@@ -210,3 +210,12 @@ def test_posterior_log_variance_has_a_smooth_ceiling():
     assert (logvar < 2.0).all() and (logvar > 1.999).all()
     logvar.sum().backward()
     assert vae.encoder[-1].bias.grad[4:].abs().min() > 0  # still a gradient to bring it back
+
+
+@pytest.mark.parametrize("batch", [1, 3, 6])
+def test_grid_with_a_batch_smaller_than_the_preview(batch):
+    """The preview keeps up to 8 images of the first batch; smaller batches crashed the grid."""
+    fam = build()
+    fam.training_step({"image": torch.rand(batch, 1, 8, 8) * 2 - 1}, recording_optimize(fam, []))
+    images, per_row = fam.grid(torch.Generator().manual_seed(0))
+    assert per_row == 8 and len(images) == 32 + 2 * batch + 8 * max(1, batch // 2)

@@ -142,7 +142,7 @@ class VAE(Family):
     @torch.no_grad()
     def grid(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
         """The periodic grid, 8 per row: 4 rows of prior samples, then rows of input |
-        reconstruction pairs, then 4 rows of latent interpolations between training images."""
+        reconstruction pairs, then up to 4 rows of latent interpolations between training images."""
         if self.preview is None:
             raise UserError("no training batch seen yet, so there is nothing to reconstruct")
         vae, x = self.vae, self.preview.to(self.device)
@@ -151,7 +151,8 @@ class VAE(Family):
             recon = vae.reconstruct(x)
             pairs = torch.stack([x, recon], 1).flatten(0, 1)
             mean = vae.encode(x)[0]
-            a, b = mean[0:4], mean[4:8]
+            k = max(1, len(x) // 2)  # the preview holds up to 8 images: a batch may be smaller
+            a, b = mean[:k], mean[-k:]
             w = torch.linspace(0, 1, 8, device=x.device).view(1, 8, 1, 1, 1)
             z = (1 - w) * a[:, None] + w * b[:, None]
             lerp = vae.decode(z.flatten(0, 1))[0].clamp(-1, 1)

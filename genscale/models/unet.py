@@ -18,6 +18,11 @@ class ImageSizeError(UserError, ValueError):
     """The image size does not suit the U-Net's depth (a ValueError, and a UserError for the CLI)."""
 
 
+def level_resolutions(image_size: int, channel_mults: Sequence[int]) -> list[int]:
+    """The pixel resolution each U-Net level works at: image_size, image_size / 2, ..."""
+    return [image_size // 2**i for i in range(len(channel_mults))]
+
+
 class UNet(nn.Module):
     """Noise-prediction U-Net: forward(x [N,C,H,W], t [N], labels [N] | None) -> [N, out_channels, H, W].
 
@@ -65,6 +70,11 @@ class UNet(nn.Module):
                 self.down.append(nn.ModuleList([Downsample(ch)]))
                 skip_channels.append(ch)
                 resolution //= 2
+
+        # Resolutions asked for attention that no level has: nothing is built for them. Training
+        # refuses them (train.py); loading an old run that had them must still work.
+        self.level_resolutions = level_resolutions(image_size, channel_mults)
+        self.unused_attention = tuple(r for r in attention_resolutions if r not in self.level_resolutions)
 
         self.mid = nn.ModuleList([res(ch, ch), attn(ch), res(ch, ch)])
 
