@@ -143,7 +143,7 @@ def evaluate(args: argparse.Namespace, acc) -> dict:
 
         record = _run_record(args.run)
         family, info, step = load_family(args.run, acc.device)
-        check_sampling_options(family, args.sampling_steps, cfg_scale=args.cfg_scale)
+        check_sampling_options(family, args.sampling_steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
         shape = (info.image_size, info.image_size, info.channels)
         # The family, not the data, says whether samples have labels (as in sample.generate): a
         # vae or gan on the labelled digits draws without them, and "accuracy" would score chance.

@@ -8,7 +8,7 @@ Diffusion runs also take ``--task denoise|img2img|inpaint|anagram|hybrid`` (RePa
 docs/applications.md); a denoiser run takes ``--task denoise`` (its sigma sweep).
 
 ``--out FILE.png`` writes a grid, ``FILE.npz`` the ADM convention (``arr_0`` uint8 N x H x W x C,
-``arr_1`` int labels), a name without a suffix both. The same seed gives identical output.
+``arr_1`` int labels), a name without a suffix both. The same seed (at the same --batch-size, which sets how the draws are grouped) gives identical output.
 ``--task inpaint`` fills the holes of IMAGES.npz (``arr_0`` uint8 N x H x W x C) under MASKS.npz
 (``arr_0`` uint8 N x H x W, 1 = known, 0 = hole): OUT.npz ``arr_0`` holds the filled images (known
 pixels unchanged bit for bit), OUT.png a grid of masked input | filled pairs.
@@ -23,6 +23,7 @@ if __name__ == "__main__":  # run as a script: import the package, not the files
 
 import argparse
 import json
+import inspect
 import math
 
 import numpy as np
@@ -80,13 +81,23 @@ def parse_labels(spec: str | None, num: int, num_classes: int) -> torch.Tensor |
 
 
 def check_sampling_options(family: Family, sampling_steps: int | None = None, batch_size: int = 1,
-                           cfg_scale: float | None = None) -> None:
+                           cfg_scale: float | None = None, sampler: str | None = None) -> None:
     """Raise UserError for sampler settings the family would reject with a traceback (or, for 0
-    steps, silently replace by its default; for a nan guidance scale, turn into blank images)."""
+    steps, silently replace by its default; for a nan guidance scale, turn into blank images), and
+    for settings it would silently ignore (an option its sampler has no use for)."""
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     if cfg_scale is not None and not math.isfinite(cfg_scale):
         raise UserError(f"--cfg-scale must be a finite number, got {cfg_scale}")
+    given = {name: value for name, value in
+             dict(cfg_scale=cfg_scale, sampler=sampler, sampling_steps=sampling_steps).items() if value is not None}
+    takes = {p.name for p in inspect.signature(family.sample).parameters.values() if p.kind != p.VAR_KEYWORD}
+    for name in given:
+        if name not in takes:
+            raise UserError(f"--{name.replace('_', '-')} does not apply to a {getattr(family, 'name', '')} run")
+    chosen = sampler or getattr(getattr(family, "opts", None), "sampler", None)
+    if sampling_steps is not None and chosen == "ddpm":
+        raise UserError("--sampling-steps sets the DDIM sampler's steps; --sampler ddpm runs every timestep")
     if sampling_steps is None:
         return
     timesteps = getattr(getattr(family, "opts", None), "timesteps", None)
@@ -103,7 +114,7 @@ def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, 
         raise UserError(f"--num must be positive, got {num}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     family, info, _ = load_family(run_dir, device)
-    check_sampling_options(family, sampling_steps, batch_size, cfg_scale)
+    check_sampling_options(family, sampling_steps, batch_size, cfg_scale, sampler)
     # The family, not the data, says whether a run is conditional: gan, dcgan and vae train on the
     # labelled digits (info.num_classes 10) but generate without labels; their outputs are -1.
     classes = int(getattr(family, "num_classes", 0) or 0)

@@ -82,6 +82,7 @@ def test_task_writes_grid_and_uint8_npz_and_is_seeded(task, runs, tmp_path, caps
     ("ddpm", ["--task", "img2img", "--input", "{root}/images.npz", "--steps", "0"], "--steps must be at least 1"),
     ("ddpm", ["--task", "img2img", "--input", "{root}/images.npz", "--batch-size", "0"], "--batch-size must be"),
     ("ddpm", ["--task", "anagram", "--num", "0"], "--num must be at least 1"),
+    ("ddpm", ["--task", "anagram", "--views", "identity,rot180,vflip"], "--task anagram needs --labels with 3 classes"),
 ])
 def test_bad_input_is_one_line_and_exit_2(run, argv, message, runs, tmp_path, capsys):
     whole = (runs["root"] / "images.npz").read_bytes()

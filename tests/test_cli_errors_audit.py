@@ -111,6 +111,7 @@ def test_usage_errors_are_one_line(capsys, tmp_path):
     (["--sampling-steps", "0"], "--sampling-steps must be between 1 and 20"),  # was silently the default
     (["--sampling-steps", "500"], "--sampling-steps must be between 1 and 20"),  # was a ValueError traceback
     (["--cfg-scale", "nan"], "--cfg-scale must be a finite number"),  # was blank images and exit 0
+    (["--sampler", "ddpm", "--sampling-steps", "3"], "--sampler ddpm runs every timestep"),  # steps were ignored
 ])
 def test_sample_bad_numbers(tiny_run, tmp_path, args, fragment):
     from genscale.sample import main
@@ -396,3 +397,28 @@ def test_attention_at_no_level_of_the_unet_is_refused(model, fragment, tmp_path,
     assert proc.returncode == 2, proc.stderr[-3000:]
     one_error_line(proc.stderr, fragment)
     assert not (tmp_path / "r").exists()
+
+
+def test_sampling_options_a_family_has_no_use_for_are_refused():
+    from types import SimpleNamespace
+
+    from genscale.sample import check_sampling_options
+
+    class Vae:  # the vae family's sample(): everything past the generator is swallowed by **options
+        name = "vae"
+
+        def sample(self, n, labels=None, generator=None, **options):
+            raise AssertionError("not called")
+
+    for option in (dict(cfg_scale=3.0), dict(sampler="ddpm"), dict(sampling_steps=5)):
+        with pytest.raises(UserError, match=r"^--[a-z-]+ does not apply to a vae run$"):
+            check_sampling_options(Vae(), **option)
+    check_sampling_options(Vae())  # nothing given: nothing to refuse
+
+    class Diffusion:
+        name, opts = "ddpm", SimpleNamespace(sampler="ddim", timesteps=20)
+
+        def sample(self, n, labels=None, generator=None, cfg_scale=None, sampler=None, sampling_steps=None, **_):
+            raise AssertionError("not called")
+
+    check_sampling_options(Diffusion(), sampling_steps=5, cfg_scale=2.0, sampler="ddim")

@@ -49,6 +49,18 @@ def _class_list(spec: str, count: int, num_classes: int, flag: str = "--labels")
     return classes
 
 
+def _default_or_given(spec: str | None, default: str, count: int, num_classes: int, task: str) -> list[int]:
+    """The classes of --labels, or the task's digits default when it fits this run; when it does
+    not, the message asks for --labels instead of blaming a flag the user never gave."""
+    if spec:
+        return _class_list(spec, count, max(num_classes, 1))
+    fits = len(default.split(",")) == count and all(int(c) < num_classes for c in default.split(","))
+    if not fits:
+        raise UserError(f"--task {task} needs --labels with {count} classes between 0 and {num_classes - 1} "
+                        f"(its default {default} is for the digits' 10 classes)")
+    return _class_list(default, count, num_classes)
+
+
 def _labels(dm, spec: str | None, n: int) -> torch.Tensor | None:
     from genscale.sample import parse_labels
 
@@ -140,7 +152,7 @@ def _generate(args: argparse.Namespace, dm, cfg: float, gen: torch.Generator) ->
         from genscale.applications.views import parse_views
 
         views = parse_views(args.views)
-        classes = _class_list(args.labels or ANAGRAM_LABELS, len(views), max(dm.num_classes, 1))
+        classes = _default_or_given(args.labels, ANAGRAM_LABELS, len(views), dm.num_classes, "anagram")
         x = anagram(dm, args.num, views, classes, cfg_scale=cfg, steps=steps, eta=args.eta, generator=gen)
         shown = [v.apply(x) for v in views]
         return write_task_outputs(args.out, columns_grid(shown), x,
@@ -148,7 +160,7 @@ def _generate(args: argparse.Namespace, dm, cfg: float, gen: torch.Generator) ->
     from genscale.applications.filters import lowpass
     from genscale.applications.hybrid import hybrid
 
-    low, high = _class_list(args.labels or HYBRID_LABELS, 2, max(dm.num_classes, 1))
+    low, high = _default_or_given(args.labels, HYBRID_LABELS, 2, dm.num_classes, "hybrid")
     x = hybrid(dm, args.num, low, high, sigma=args.sigma, cfg_scale=cfg, steps=steps, eta=args.eta, generator=gen)
     blurred = lowpass(x, args.view_sigma).clamp(-1, 1)
     return write_task_outputs(args.out, columns_grid([x, blurred]), x, dict(blurred=blurred))
