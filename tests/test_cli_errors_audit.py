@@ -422,3 +422,11 @@ def test_sampling_options_a_family_has_no_use_for_are_refused():
             raise AssertionError("not called")
 
     check_sampling_options(Diffusion(), sampling_steps=5, cfg_scale=2.0, sampler="ddim")
+
+
+def test_gan_batch_of_one_is_refused_before_the_run_folder(tmp_path, cache):
+    # BatchNorm1d raised "Expected more than 1 value per channel" at the first step, after config.json
+    proc = train_proc(cache, "--model", "gan", "--batch-size", "1", "--steps", "1", "--out", str(tmp_path / "g"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    one_error_line(proc.stderr, "--batch-size must be at least 2 for gan")
+    assert not (tmp_path / "g").exists()

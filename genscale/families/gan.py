@@ -50,6 +50,12 @@ PRESET = {**DIGITS_PRESET, "sample_every": 1000}
 class GAN(UnconditionalBCEGAN):
     name = "gan"
 
+    def __init__(self, train, options: Options, info: DataInfo):
+        if train.batch_size < 2:  # found here, before the run folder is written, not at the first step
+            raise ValueError(f"--batch-size must be at least 2 for gan (its generator's BatchNorm needs two "
+                             f"images per batch), got {train.batch_size}")
+        super().__init__(train, options, info)
+
     def build_nets(self, options: Options, info: DataInfo) -> dict[str, nn.Module]:
         shape = (info.channels, info.image_size, info.image_size)
         return {"generator": MLPGenerator(options.z_dim, shape, options.g_hidden),
