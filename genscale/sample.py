@@ -95,9 +95,6 @@ def check_sampling_options(family: Family, sampling_steps: int | None = None, ba
     for name in given:
         if name not in takes:
             raise UserError(f"--{name.replace('_', '-')} does not apply to a {getattr(family, 'name', '')} run")
-    chosen = sampler or getattr(getattr(family, "opts", None), "sampler", None)
-    if sampling_steps is not None and chosen == "ddpm":
-        raise UserError("--sampling-steps sets the DDIM sampler's steps; --sampler ddpm runs every timestep")
     if sampling_steps is None:
         return
     timesteps = getattr(getattr(family, "opts", None), "timesteps", None)
@@ -216,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", default=None, help="'all', one class '3', or a list '0,1,2'")
     parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
-    parser.add_argument("--sampling-steps", type=int, default=None, help="DDIM steps")
+    parser.add_argument("--sampling-steps", type=int, default=None,
+                        help="diffusion steps: DDIM's, or with --sampler ddpm the respaced ancestral steps (default all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--out", required=True, help="FILE.png (grid), FILE.npz (arrays) or FILE (both)")

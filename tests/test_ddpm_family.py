@@ -33,3 +33,19 @@ def test_fused_eps_loss_matches_unfused_formula_and_gradient():
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(net.conv_in.weight.grad, grad_fused, rtol=1e-4, atol=1e-6)
     assert abs(eps.mean().item()) < 0.3 and 0.7 < eps.std().item() < 1.3
+
+
+def test_ddpm_sampler_respaces_to_the_requested_steps():
+    """--sampler ddpm with --sampling-steps was silently all T steps; now the respaced process."""
+    from genscale.diffusion.samplers import strided_timesteps
+    from genscale.families.ddpm import reverse_process
+    from tests.test_applications_support import tiny_ddpm
+
+    fam = tiny_ddpm(timesteps=20)
+    seen, model_fn = [], fam._model_fn
+    fam._model_fn = lambda x, t, labels: seen.append(int(t[0])) or model_fn(x, t, labels)
+    reverse_process(fam, (2, 1, 8, 8), sampler="ddpm", sampling_steps=4, generator=torch.Generator().manual_seed(0))
+    assert seen == strided_timesteps(20, 4)
+    seen.clear()
+    reverse_process(fam, (2, 1, 8, 8), sampler="ddpm", generator=torch.Generator().manual_seed(0))
+    assert seen == list(range(19, -1, -1))  # not asked: every timestep

@@ -31,7 +31,7 @@ class Options:
     dropout: float = 0.0
     cond_drop: float = 0.1  # probability of training on the null label (for guidance)
     sampler: str = "ddim"  # default sampler for grids and sample.py: ddpm | ddim
-    sampling_steps: int = 50  # DDIM steps (DDPM always runs all timesteps)
+    sampling_steps: int = 50  # DDIM steps (DDPM runs all timesteps unless sample.py's --sampling-steps asks)
     eta: float = 0.0
     cfg_scale: float = 2.0  # default guidance scale when sampling with labels
 
@@ -129,7 +129,8 @@ def reverse_process(family, shape, labels=None, generator=None, cfg_scale=None, 
                   cfg_scale=opts.cfg_scale if cfg_scale is None else cfg_scale, prediction=opts.prediction,
                   generator=generator, device=family.device, progress=progress, clip_x0=clip_x0)
     if (sampler or opts.sampler) == "ddpm":
-        x = ddpm_sample(family._model_fn, shape, family.schedule, **common)
+        # all T steps, unless the call asks for fewer (the respaced process of improved DDPM)
+        x = ddpm_sample(family._model_fn, shape, family.schedule, steps=sampling_steps, **common)
     else:
         x = ddim_sample(family._model_fn, shape, family.schedule, steps=sampling_steps or opts.sampling_steps,
                         eta=opts.eta if eta is None else eta, **common)
