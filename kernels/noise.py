@@ -30,8 +30,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _steps(t: torch.Tensor | int, n: int, device: torch.device, timesteps: int, name: str = "t") -> torch.Tensor:
-    """t as int64 [n] on ``device``; ``t_prev`` may also be negative (the final step)."""
+def _steps(t: torch.Tensor | int, n: int, device: torch.device, timesteps: int, name: str = "t",
+           final_ok: bool = False) -> torch.Tensor:
+    """t as int64 [n] on ``device``; with ``final_ok`` (t_prev) negative values mean the final step."""
     t = torch.as_tensor(t)
     if t.is_floating_point() or t.dim() > 1 or (t.dim() == 1 and t.shape[0] != n):
         raise ValueError(f"{name} must be an int or an integer tensor of shape ({n},); got {tuple(t.shape)} {t.dtype}")
@@ -39,10 +40,11 @@ def _steps(t: torch.Tensor | int, n: int, device: torch.device, timesteps: int, 
     # value would break the graph); elsewhere a check would cost a sync, so the Triton kernels give
     # NaN for the samples whose timestep is outside the table instead.
     if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():
-        low = int(t.min()) if name == "t" else 0
-        if low < 0 or int(t.max()) >= timesteps:
-            raise ValueError(f"{name} must lie in [0, {timesteps}) for a schedule of {timesteps} steps; "
-                             f"got values from {int(t.min())} to {int(t.max())}")
+        low, high = int(t.min()), int(t.max())
+        if (low < 0 and not final_ok) or high >= timesteps:
+            allowed = f"below {timesteps} (negative: the final step)" if final_ok else f"in [0, {timesteps})"
+            raise ValueError(f"{name} must lie {allowed} for a schedule of {timesteps} steps; "
+                             f"got values from {low} to {high}")
     return t.to(device=device, dtype=torch.int64).expand(n).contiguous()
 
 
@@ -145,7 +147,7 @@ def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, alpha
         raise ValueError(f"variance must be 'posterior' or 'beta'; got {variance!r}")
     abar = _table(alphas_cumprod, x_t.device)
     t = _steps(t, x_t.shape[0], x_t.device, abar.shape[0])
-    t_prev = t - 1 if t_prev is None else _steps(t_prev, x_t.shape[0], x_t.device, abar.shape[0], "t_prev")
+    t_prev = t - 1 if t_prev is None else _steps(t_prev, x_t.shape[0], x_t.device, abar.shape[0], "t_prev", True)
     if use_triton(x_t, eps, eps_cond) and x_t.dtype != torch.float64:
         return _noise_ops.ddpm_step_op(x_t, eps, eps_cond, float(guidance_scale), t, t_prev, abar, bool(clip_x0),
                                        variance == "beta", int(seed), int(offset))
@@ -183,7 +185,7 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, t_pre
         raise ValueError(f"eta must be >= 0; got {eta}")
     n = x_t.shape[0]
     abar = _table(alphas_cumprod, x_t.device)
-    t, t_prev = _steps(t, n, x_t.device, abar.shape[0]), _steps(t_prev, n, x_t.device, abar.shape[0], "t_prev")
+    t, t_prev = _steps(t, n, x_t.device, abar.shape[0]), _steps(t_prev, n, x_t.device, abar.shape[0], "t_prev", True)
     if use_triton(x_t, eps, eps_cond) and x_t.dtype != torch.float64:
         return _noise_ops.ddim_step_op(x_t, eps, eps_cond, float(guidance_scale), t, t_prev, abar, float(eta),
                                        bool(clip_x0), int(seed), int(offset))
