@@ -40,7 +40,7 @@ run_stage() {  # name, limit in seconds, command...
 }
 
 XDIST=()
-"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 12)
 BENCH=("$PY" -m pytest --benchmark-only -q -rs -p no:cacheprovider)
 for stage in "${stages[@]}"; do
   case "$stage" in

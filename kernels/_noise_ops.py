@@ -5,16 +5,20 @@ float64 on the tensors' device; seed and offset in [0, 2**63).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
+from kernels._dispatch import interpreter_active
 from kernels._group_norm_ops import _cdiv, _pow2, _viewable, ncs_strides
 
 MASK32 = 0xFFFFFFFF
 # The loss kernels compute pred - eps right after drawing eps; an FMA there would use the unrounded
 # product inside eps and break "the regenerated eps is bit-identical", so they (and q_sample, whose
-# drawn and explicit-eps variants must round alike) are built without floating-point contraction
+# drawn and explicit-eps variants must round alike, and philox_normal, whose eps must equal the one
+# drawn inside them: the fast-math angle 2 pi u - pi would otherwise become an FMA in one kernel and
+# not in the other, seen on an H100) are built without floating-point contraction
 # (enable_fp_fusion=False): one extra instruction per element in memory-bound kernels.
 
 
@@ -29,12 +33,22 @@ def _geometry(x: torch.Tensor) -> tuple[int, int, int, dict, tuple]:
     else:
         block_s = max(4, min(_pow2(s), 1024))
         block_c = min(_pow2(c), max(1, 2048 // block_s))
-    meta = dict(BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4 if block_c * block_s <= 1024 else 8)
+    meta = dict(BLOCK_C=block_c, BLOCK_S=block_s, FAST_MATH=fast_math(),
+                num_warps=4 if block_c * block_s <= 1024 else 8)
     grid = (_cdiv(s, block_s), _cdiv(c, block_c), n)
     if max(grid[1:]) > 65535:  # CUDA's limit on grid axes 1 and 2
         raise ValueError(f"the noise kernels take at most 65535 samples and {65535 * block_c} channels; "
                          f"got N={n}, C={c}")
     return n, c, s, meta, grid
+
+
+def fast_math() -> bool:
+    """Compiled kernels draw normals with the GPU's approximate log/sin/cos (see _normal_tile);
+    GENSCALE_NOISE_MATH=precise selects the correctly-rounded routines (for comparison)."""
+    mode = os.environ.get("GENSCALE_NOISE_MATH", "fast").strip().lower() or "fast"
+    if mode not in ("fast", "precise"):
+        raise ValueError(f"GENSCALE_NOISE_MATH must be fast or precise; got {mode!r}")
+    return mode == "fast" and not interpreter_active()
 
 
 def _rng(seed: int, offset: int) -> tuple[int, int, int, int]:
@@ -52,7 +66,8 @@ def normal(like: torch.Tensor, seed: int, offset: int, dtype: torch.dtype) -> to
     if out.numel() == 0:
         return out
     n, c, s, meta, grid = _geometry(out)
-    k.normal_kernel[grid](out, c, s, _cdiv(s, 4), *_rng(seed, offset), *ncs_strides(out), **meta)
+    k.normal_kernel[grid](out, c, s, _cdiv(s, 4), *_rng(seed, offset), *ncs_strides(out),
+                          enable_fp_fusion=False, **meta)
     return out
 
 

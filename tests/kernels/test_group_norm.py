@@ -40,7 +40,18 @@ def reference(x, w, b, groups, dy, activation="silu"):
     x64 = x.detach().double().cpu().requires_grad_()
     w64 = w.detach().double().cpu().requires_grad_() if w is not None else None
     b64 = b.detach().double().cpu().requires_grad_() if b is not None else None
-    y = F.group_norm(x64, groups, w64, b64, 1e-5)
+    # The formula itself, not F.group_norm: torch 2.11's CPU group_norm backward fails with a bias
+    # but no weight ("tensor does not have a device"), seen on the GPU machine's PyTorch.
+    n, c = x64.shape[0], x64.shape[1]
+    xg = x64.reshape(n, groups, -1)
+    mean = xg.mean(-1, keepdim=True)
+    var = ((xg - mean) ** 2).mean(-1, keepdim=True)
+    y = ((xg - mean) / torch.sqrt(var + 1e-5)).reshape(x64.shape)
+    affine_shape = (1, c) + (1,) * (x64.dim() - 2)
+    if w64 is not None:
+        y = y * w64.reshape(affine_shape)
+    if b64 is not None:
+        y = y + b64.reshape(affine_shape)
     if activation == "silu":
         y = F.silu(y)
     y.backward(dy.detach().double().cpu())

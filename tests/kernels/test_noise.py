@@ -252,7 +252,9 @@ def test_float64_inputs_keep_float64_arithmetic(device):
     """float64 tensors take the float64 reference even when the Triton kernels are forced."""
     x = make(SHAPE, False, device, torch.float64)
     abar = abar_table(device)
-    assert torch.equal(kernels.philox_normal(x, 4, 2, dtype=torch.float64).cpu(), draws(SHAPE, 4, 2))
+    # float64 log/cos on a GPU and in the CPU's libm may differ in the last bits; fp32 arithmetic would
+    # be ~1e-7 off.
+    assert rel_err(kernels.philox_normal(x, 4, 2, dtype=torch.float64), draws(SHAPE, 4, 2)) <= 1e-14
     a = per_sample(abar.cpu()[STEPS])
     expected = a.sqrt() * x.cpu() + (1 - a).sqrt() * draws(SHAPE, 4, 2)
     assert rel_err(kernels.q_sample(x, STEPS.to(device), abar, seed=4, offset=2), expected) <= 1e-14

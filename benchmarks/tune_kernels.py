@@ -1,0 +1,205 @@
+"""Strategy sweep on a CUDA GPU: which GroupNorm path and which noise-draw math is fastest where.
+
+Not a benchmark of record (that is ``pytest benchmarks/ --benchmark-only``): this times the
+launch plans the environment overrides select (GENSCALE_GN_PATH, GENSCALE_GN_FUSED_MAX_*,
+GENSCALE_NOISE_MATH) side by side, to decide the defaults in kernels/_group_norm_ops.py and
+kernels/_noise_ops.py. Each case is captured in a CUDA graph (the plan is made at capture) and
+its replays timed with triton.testing.do_bench (median; it clears the L2 cache before every
+repetition, so inputs come from DRAM). Timing the Python calls themselves measured the host
+instead: on an H100 machine a fused forward "took" 50-230 us against 16 us of GPU time.
+``--only host`` measures that host cost per call (tiny tensors, no synchronisation). GPU only:
+
+    python benchmarks/tune_kernels.py [--only gn|noise|host] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import kernels  # noqa: E402
+
+GN_SHAPES = [(16, 128, 64, 64), (16, 256, 32, 32), (16, 512, 16, 16), (16, 256, 64, 64), (1, 128, 64, 64)]
+GN_CONFIGS = {
+    "default": {},
+    "looped": {"GENSCALE_GN_PATH": "looped"},
+    "split": {"GENSCALE_GN_PATH": "split"},
+    "single-32k": {"GENSCALE_GN_PATH": "fused", "GENSCALE_GN_FUSED_MAX_FWD": "32768",
+                   "GENSCALE_GN_FUSED_MAX_BWD": "32768"},
+}
+KNOBS = sorted({k for cfg in GN_CONFIGS.values() for k in cfg} | {"GENSCALE_NOISE_MATH"})
+
+
+def _with_env(cfg: dict, fn):
+    for k in KNOBS:
+        os.environ.pop(k, None)
+    os.environ.update(cfg)
+    try:
+        return fn()
+    finally:
+        for k in cfg:
+            os.environ.pop(k, None)
+
+
+def _bench(fn) -> float:
+    """GPU microseconds of one fn() call (graph replay: no host overhead in the number)."""
+    import triton.testing
+
+    fn()  # compile outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return float(triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")) * 1e3
+
+
+def _host_us(fn, calls: int = 300) -> float:
+    """Wall microseconds per call with no synchronisation inside: the host's cost when the GPU
+    work is negligible (tiny tensors)."""
+    import time
+
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def host_rows() -> list[dict]:
+    import torch.nn.functional as F
+
+    x = torch.randn(2, 64, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(64, device="cuda"), torch.randn(64, device="cuda")
+    xg = x.detach().requires_grad_()
+    dy = torch.randn_like(x)
+    abar = torch.linspace(0.9999, 0.0001, 1000, dtype=torch.float64, device="cuda")
+    t = torch.tensor([3, 500], device="cuda")
+    cases = {
+        "eager group_norm+silu fwd": lambda: F.silu(F.group_norm(x, 32, w, b)),
+        "fused group_norm_silu fwd": lambda: kernels.group_norm_silu(x, w, b, 32),
+        "eager group_norm+silu fwd+bwd": lambda: F.silu(F.group_norm(xg, 32, w, b)).backward(dy),
+        "fused group_norm_silu fwd+bwd": lambda: kernels.group_norm_silu(xg, w, b, 32).backward(dy),
+        "fused q_sample (one launch)": lambda: kernels.q_sample(x, t, abar, seed=1, offset=2),
+        "torch.add (one launch)": lambda: torch.add(x, x),
+    }
+    rows = []
+    for name, fn in cases.items():
+        with torch.no_grad() if "bwd" not in name else torch.enable_grad():
+            row = {"op": "host", "shape": name, "us_per_call": _host_us(fn)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2**28, dtype=torch.uint8, device="cuda").random_()
+    y = torch.empty_like(x)
+    us = _bench(lambda: y.copy_(x))
+    return 2 * x.numel() / us / 1e3  # GB/s, read + write
+
+
+def gn_rows(copy_gbs: float) -> list[dict]:
+    rows = []
+    for shape in GN_SHAPES:
+        n, c, h, w = shape
+        for layout in ("nchw", "cl"):
+            fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+            x = torch.randn(shape, device="cuda", dtype=torch.bfloat16).to(memory_format=fmt)
+            dy = torch.randn_like(x)
+            wt = torch.randn(c, device="cuda")
+            bs = torch.randn(c, device="cuda")
+            xg = x.detach().requires_grad_()
+
+            def fwd():
+                with torch.no_grad():
+                    kernels.group_norm_silu(x, wt, bs, 32)
+
+            def fwdbwd():
+                kernels.group_norm_silu(xg, wt, bs, 32).backward(dy)
+
+            for mode, fn, bytes_per in (("fwd", fwd, 4), ("fwdbwd", fwdbwd, 10)):
+                row = {"op": "group_norm", "shape": "x".join(map(str, shape)), "layout": layout, "mode": mode}
+                for name, cfg in GN_CONFIGS.items():
+                    try:
+                        us = _with_env(cfg, lambda: _bench(fn))
+                        row[name] = us
+                    except Exception as exc:  # a plan that does not compile or fit is a result too
+                        row[name] = f"error: {str(exc).splitlines()[0][:80]}"
+                best = min((v, k) for k, v in row.items() if k in GN_CONFIGS and isinstance(v, float))
+                row["best"] = best[1]
+                row["best_pct_copy"] = 100 * bytes_per * x.numel() / best[0] / 1e3 / copy_gbs
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def noise_rows(copy_gbs: float) -> list[dict]:
+    rows = []
+    shape = (32, 3, 512, 512)
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    e1, e2 = torch.randn_like(x), torch.randn_like(x)
+    abar = torch.linspace(0.9999, 0.0001, 1000, dtype=torch.float64, device="cuda")
+    t = torch.randint(1, 1000, (shape[0],), device="cuda")
+    pred = x.detach().requires_grad_()
+    cases = {
+        "q_sample": (lambda: kernels.q_sample(x, t, abar, seed=1, offset=2), 2),
+        "loss_fwdbwd": (lambda: kernels.eps_loss(pred, 1, 2).backward(), 3),
+        "ddpm_cfg": (lambda: kernels.ddpm_step(x, e1, t, abar, eps_cond=e2, guidance_scale=2.0, seed=1, offset=2), 4),
+    }
+    for name, (fn, bytes_per) in cases.items():
+        row = {"op": name, "shape": "x".join(map(str, shape))}
+        for math_mode in ("fast", "precise"):
+            try:
+                row[math_mode] = _with_env({"GENSCALE_NOISE_MATH": math_mode}, lambda: _bench(fn))
+            except Exception as exc:
+                row[math_mode] = f"error: {str(exc).splitlines()[0][:80]}"
+        best = min(v for k, v in row.items() if k in ("fast", "precise") and isinstance(v, float))
+        row["best_pct_copy"] = 100 * bytes_per * x.numel() / best / 1e3 / copy_gbs
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--only", choices=("gn", "noise", "host"), default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("tune_kernels.py needs a CUDA GPU.")
+    copy_gbs = copy_bandwidth()
+    print(f"device {torch.cuda.get_device_name()} copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
+    rows = []
+    if args.only == "host":
+        rows += host_rows()
+    if args.only in (None, "noise"):
+        rows += noise_rows(copy_gbs)
+    if args.only in (None, "gn"):
+        rows += gn_rows(copy_gbs)
+    if args.json:
+        args.json.write_text(json.dumps({"copy_gbs": copy_gbs, "rows": rows}, indent=1))
+    print("\n| case | " + " | ".join(list(GN_CONFIGS) + ["best", "% copy"]) + " |")
+    for r in rows:
+        if r["op"] == "host":
+            print(f"| host: {r['shape']} | {r['us_per_call']:.1f} us per call |")
+            continue
+        keys = ("fast", "precise") if "fast" in r else tuple(GN_CONFIGS)
+        cells = [f"{r[k]:.1f}" if isinstance(r[k], float) else r[k][:20] for k in keys]
+        label = " ".join(str(r.get(k, "")) for k in ("op", "shape", "layout", "mode")).strip()
+        print(f"| {label} | " + " | ".join(cells) + f" | {r.get('best', '')} | {r['best_pct_copy']:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
