@@ -85,6 +85,10 @@ def record(request: pytest.FixtureRequest, facts: dict):
 
 
 def _git_commit() -> str:
+    """The commit measured. BENCH_COMMIT overrides git: a device machine may receive the working tree
+    with a stale .git (seen: it reported the session's starting commit "+dirty")."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "benchmarks"], cwd=REPO,

@@ -27,7 +27,7 @@ stages=("$@")
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
   "$PY" -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  git rev-parse HEAD 2>/dev/null || true
+  echo "commit ${BENCH_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}"
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 

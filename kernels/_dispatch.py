@@ -59,6 +59,14 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     return True
 
 
+def compiling() -> bool:
+    """True while torch.compile traces. The kernels' torch.library custom ops keep compiled graphs
+    whole, so they are used then; eager calls go to the same launchers through a plain
+    autograd.Function, because the custom-op dispatch alone cost 130-390 us of host time per call on
+    an H100 machine (torch 2.11), more than the kernels' GPU time at U-Net shapes."""
+    return torch.compiler.is_compiling()
+
+
 def sm_count(device: torch.device) -> int:
     """Multiprocessors on ``device``; 1 for the interpreter (one program runs at a time)."""
     if device.type != "cuda":

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from kernels._dispatch import env_int, sm_count
+from kernels._dispatch import compiling, env_int, sm_count
 
 # Largest register tile (elements) one fused program holds: x alone forward, x and dy backward.
 FUSED_MAX_FWD = 16384
@@ -245,12 +245,41 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.num_groups, ctx.act = num_groups, act
 
 
-def _backward(ctx, dy, _dmean, _drstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dbdw = group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.act)
+def _input_grads(dx, dbdw, weight, bias):
     dw = dbdw[1].to(weight.dtype) if weight is not None else None
     db = dbdw[0].to(bias.dtype) if bias is not None else None
     return dx, dw, db, None, None, None
 
 
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dbdw = group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.act)
+    return _input_grads(dx, dbdw, weight, bias)
+
+
 group_norm_silu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Direct(torch.autograd.Function):
+    """The custom op's forward and backward without the custom-op dispatch (eager calls)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_groups, eps, act):
+        y, mean, rstd = forward(x, weight, bias, num_groups, eps, act)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.num_groups, ctx.act = num_groups, act
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dbdw = backward(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.act)
+        return _input_grads(dx, dbdw, weight, bias)
+
+
+def group_norm_silu(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                    num_groups: int, eps: float, act: bool) -> torch.Tensor:
+    """The Triton GroupNorm(+SiLU): the custom op under torch.compile, a direct call otherwise."""
+    if compiling():
+        return group_norm_silu_fwd(x, weight, bias, num_groups, eps, act)[0]
+    return _Direct.apply(x, weight, bias, num_groups, eps, act)

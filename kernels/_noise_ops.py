@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from kernels._dispatch import interpreter_active
+from kernels._dispatch import compiling, interpreter_active
 from kernels._group_norm_ops import _cdiv, _pow2, _viewable, ncs_strides
 
 MASK32 = 0xFFFFFFFF
@@ -255,3 +255,53 @@ def ddim_step_op(x: torch.Tensor, eps: torch.Tensor, eps_cond: Optional[torch.Te
 @ddim_step_op.register_fake
 def _(x, eps, eps_cond, scale, t, t_prev, abar, eta, clip, seed, offset):
     return _empty_like_viewable(x)
+
+
+# ----------------------------------------------------------------------------- direct calls
+# Outside torch.compile the launchers are called without the custom-op dispatch (host time; see
+# kernels._dispatch.compiling), through autograd.Functions with the same backward formulas.
+
+
+class _QSampleDirect(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x0, noise, t, abar, seed, offset):
+        _q_setup(ctx, (x0, noise, t, abar, seed, offset), None)
+        return q_sample(x0, noise, t, abar, seed, offset)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _q_backward(ctx, grad)
+
+
+class _EpsLossDirect(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pred, seed, offset, l1):
+        _loss_setup(ctx, (pred, seed, offset, l1), None)
+        return eps_loss(pred, seed, offset, l1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (pred,) = ctx.saved_tensors
+        return eps_loss_backward(grad, pred, ctx.seed, ctx.offset, ctx.l1), None, None, None
+
+
+def call_philox_normal(like, seed, offset, dtype):
+    return philox_normal_op(like, seed, offset, dtype) if compiling() else normal(like, seed, offset, dtype)
+
+
+def call_q_sample(x0, noise, t, abar, seed, offset):
+    if compiling():
+        return q_sample_op(x0, noise, t, abar, seed, offset)
+    return _QSampleDirect.apply(x0, noise, t, abar, seed, offset)
+
+
+def call_eps_loss(pred, seed, offset, l1):
+    return eps_loss_op(pred, seed, offset, l1) if compiling() else _EpsLossDirect.apply(pred, seed, offset, l1)
+
+
+def call_ddpm_step(*args):
+    return ddpm_step_op(*args) if compiling() else ddpm_step(*args)
+
+
+def call_ddim_step(*args):
+    return ddim_step_op(*args) if compiling() else ddim_step(*args)

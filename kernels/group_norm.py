@@ -77,8 +77,5 @@ def group_norm_silu(
     """
     _check(x, weight, bias, num_groups, activation)
     if use_triton(x, weight, bias) and x.dtype != torch.float64:
-        y, _mean, _rstd = _group_norm_ops.group_norm_silu_fwd(
-            x, weight, bias, num_groups, float(eps), activation == "silu"
-        )
-        return y
+        return _group_norm_ops.group_norm_silu(x, weight, bias, num_groups, float(eps), activation == "silu")
     return group_norm_silu_reference(x, weight, bias, num_groups, eps, activation)

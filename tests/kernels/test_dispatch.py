@@ -18,8 +18,8 @@ def _forbid_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args, **kwargs):
         raise AssertionError("the Triton path was taken")
 
-    monkeypatch.setattr(_group_norm_ops, "group_norm_silu_fwd", boom)
-    monkeypatch.setattr(_noise_ops, "q_sample_op", boom)
+    monkeypatch.setattr(_group_norm_ops, "forward", boom)  # the launchers, custom op or not
+    monkeypatch.setattr(_noise_ops, "q_sample", boom)
 
 
 @pytest.mark.parametrize("mode", ["", "auto", "eager"])
@@ -51,17 +51,48 @@ def test_unknown_mode_is_rejected(monkeypatch):
         kernels.group_norm_silu(torch.randn(1, 4, 2, 2), None, None, 2)
 
 
-def test_forced_triton_takes_the_custom_op(device, monkeypatch):
+def test_forced_triton_takes_the_triton_launcher(device, monkeypatch):
     calls = []
-    real = _group_norm_ops.group_norm_silu_fwd
+    real = _group_norm_ops.forward
 
     def spy(*args):
         calls.append(args[3])
         return real(*args)
 
-    monkeypatch.setattr(_group_norm_ops, "group_norm_silu_fwd", spy)
+    monkeypatch.setattr(_group_norm_ops, "forward", spy)
     kernels.group_norm_silu(torch.randn(1, 4, 2, 2, device=device), None, None, 2)
     assert calls == [2]
+
+
+def test_direct_calls_equal_the_custom_ops(device):
+    """Eager calls skip the custom-op dispatch (host time); values and gradients must not change."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 3, device=device).contiguous(memory_format=torch.channels_last)
+    w, b, dy = torch.randn(6, device=device), torch.randn(6, device=device), torch.randn_like(x)
+    results = []
+    for direct in (True, False):
+        xs, ws, bs = (v.detach().requires_grad_() for v in (x, w, b))
+        if direct:
+            y = kernels.group_norm_silu(xs, ws, bs, 3)
+        else:
+            y = _group_norm_ops.group_norm_silu_fwd(xs, ws, bs, 3, 1e-5, True)[0]
+        y.backward(dy)
+        abar = torch.linspace(0.999, 0.01, 50, dtype=torch.float64, device=device)
+        t = torch.tensor([3, 40], device=device)
+        x0 = x.detach().requires_grad_()
+        if direct:
+            xt = kernels.q_sample(x0, t, abar, seed=4, offset=5)
+            loss = kernels.eps_loss(xt, 4, 5)
+            step = kernels.ddpm_step(x, dy, t, abar, seed=1, offset=2)
+        else:
+            xt = _noise_ops.q_sample_op(x0, None, t, abar, 4, 5)
+            loss = _noise_ops.eps_loss_op(xt, 4, 5, False)
+            step = _noise_ops.ddpm_step_op(x, dy, None, 1.0, t, t - 1, abar, False, False, 1, 2)
+        loss.backward()
+        results.append([y, xs.grad, ws.grad, bs.grad, xt, loss, x0.grad, step])
+    for direct, op in zip(*results):
+        assert torch.equal(direct, op)
+    assert results[0][0].is_contiguous(memory_format=torch.channels_last)
 
 
 _LATE_INTERPRETER = r"""
