@@ -9,7 +9,7 @@ import sys
 from collections import defaultdict
 from typing import Any
 
-VARIANTS = ("eager", "fallback", "compile", "triton", "triton+compile")
+VARIANTS = ("eager", "fallback", "compile", "triton", "triton+compile", "eager+graph", "compile+graph", "triton+graph")
 
 # The targets of the kernels issue (H100, bf16, large shapes): (suite, predicate on the case, rules).
 TARGETS = {
@@ -68,7 +68,21 @@ def _target_checks(suite: str, case: str, v: dict[str, dict[str, Any]]) -> list[
         out += [f"fused = {tri['variant']}",
                 _check(f"{speed_e:.2f}x eager (>= 1.25)" if speed_e else "eager -", bool(speed_e and speed_e >= 1.25)),
                 _check(f"{speed_c:.2f}x compile (>= 1.0)" if speed_c else "compile -", bool(speed_c and speed_c >= 1.0))]
+        out += _graph_checks(v)
     return out
+
+
+def _graph_checks(v: dict[str, dict[str, Any]]) -> list[str]:
+    """The same targets with every variant's step captured in a CUDA graph (no host cost per kernel)."""
+    tri, eager, comp = v.get("triton+graph"), v.get("eager+graph"), v.get("compile+graph")
+    if tri is None:
+        return []
+    speed_e = _ratio(tri["time_s"], eager["time_s"]) if eager else None
+    speed_c = _ratio(tri["time_s"], comp["time_s"]) if comp else None
+    return ["with CUDA graphs: triton+graph",
+            _check(f"{speed_e:.2f}x eager+graph (>= 1.25)" if speed_e else "eager+graph -", bool(speed_e and speed_e >= 1.25)),
+            _check(f"{speed_c:.2f}x compile+graph (>= 1.0)" if speed_c else "compile+graph -",
+                   bool(speed_c and speed_c >= 1.0))]
 
 
 LARGE = 4 << 20  # elements: below this a kernel is launch-bound (< ~6 us of traffic on an H100)
