@@ -62,8 +62,8 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
 def compiling() -> bool:
     """True while torch.compile traces. The kernels' torch.library custom ops keep compiled graphs
     whole, so they are used then; eager calls go to the same launchers through a plain
-    autograd.Function, because the custom-op dispatch alone cost 130-390 us of host time per call on
-    an H100 machine (torch 2.11), more than the kernels' GPU time at U-Net shapes."""
+    autograd.Function, because the custom-op dispatch adds host time to every call: on an H100
+    machine (torch 2.11) a fused q_sample took 106 us of host time through it and 81 us without."""
     return torch.compiler.is_compiling()
 
 

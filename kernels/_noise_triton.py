@@ -45,7 +45,7 @@ def _uniform(word):
 
 @triton.jit
 def _normal_tile(k0, k1, o0, o1, n, c, C, SQ, q0, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-FAST_MATH: tl.constexpr):
+                 FAST_MATH: tl.constexpr):
     """Draws for channels c (int64 [BLOCK_C]) x spatial [4 q0, 4 q0 + BLOCK_S) of sample n.
 
     FAST_MATH (compiled GPU kernels): the hardware's approximate log2/sin/cos, one instruction
@@ -107,8 +107,8 @@ def normal_kernel(out_ptr, C, S, SQ, k0, k1, o0, o1, son, soc, sos,
                   FAST_MATH: tl.constexpr):
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
     k0, k1, o0, o1 = _rng_key(k0, k1, o0, o1)
-    eps = _normal_tile(k0, k1, o0, o1, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4), BLOCK_C,
-                           BLOCK_S, FAST_MATH)
+    eps = _normal_tile(k0, k1, o0, o1, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4),
+                       BLOCK_C, BLOCK_S, FAST_MATH)
     tl.store(out_ptr + n * son + c[:, None] * soc + s[None, :] * sos, eps.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -127,8 +127,8 @@ def q_sample_kernel(x_ptr, e_ptr, out_ptr, t_ptr, abar_ptr, T, C, S, SQ, k0, k1,
         eps = tl.load(e_ptr + n * sen + c[:, None] * sec + s[None, :] * ses, mask=mask, other=0.0).to(tl.float32)
     else:
         r0, r1, r2, r3 = _rng_key(k0, k1, o0, o1)
-        eps = _normal_tile(r0, r1, r2, r3, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4), BLOCK_C,
-                           BLOCK_S, FAST_MATH)
+        eps = _normal_tile(r0, r1, r2, r3, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4),
+                           BLOCK_C, BLOCK_S, FAST_MATH)
     out = ca * x + cb * eps
     tl.store(out_ptr + n * son + c[:, None] * soc + s[None, :] * sos, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -140,8 +140,8 @@ def eps_loss_fwd_kernel(p_ptr, part_ptr, C, S, SQ, k0, k1, o0, o1, spn, spc, sps
     """One partial sum of (pred - eps)^2 or |pred - eps| per program; the host adds them in order."""
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
     k0, k1, o0, o1 = _rng_key(k0, k1, o0, o1)
-    eps = _normal_tile(k0, k1, o0, o1, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4), BLOCK_C,
-                           BLOCK_S, FAST_MATH)
+    eps = _normal_tile(k0, k1, o0, o1, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4),
+                       BLOCK_C, BLOCK_S, FAST_MATH)
     p = tl.load(p_ptr + n * spn + c[:, None] * spc + s[None, :] * sps, mask=mask, other=0.0).to(tl.float32)
     d = tl.where(mask, p - eps, 0.0)
     if L1:
@@ -160,8 +160,8 @@ def eps_loss_bwd_kernel(p_ptr, g_ptr, dp_ptr, scale, C, S, SQ, k0, k1, o0, o1,
     """dpred = g * scale * (2 (pred - eps) | sign(pred - eps)); eps drawn again, never stored."""
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
     k0, k1, o0, o1 = _rng_key(k0, k1, o0, o1)
-    eps = _normal_tile(k0, k1, o0, o1, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4), BLOCK_C,
-                           BLOCK_S, FAST_MATH)
+    eps = _normal_tile(k0, k1, o0, o1, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4),
+                       BLOCK_C, BLOCK_S, FAST_MATH)
     p = tl.load(p_ptr + n * spn + c[:, None] * spc + s[None, :] * sps, mask=mask, other=0.0).to(tl.float32)
     d = p - eps
     g = tl.load(g_ptr).to(tl.float32) * scale
@@ -212,8 +212,8 @@ def ddpm_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, tp_ptr, abar_ptr, T,
     out = m1 * x0 + m2 * x
     if tp >= 0:  # the last step adds no noise
         r0, r1, r2, r3 = _rng_key(k0, k1, o0, o1)
-        z = _normal_tile(r0, r1, r2, r3, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4), BLOCK_C,
-                           BLOCK_S, FAST_MATH)
+        z = _normal_tile(r0, r1, r2, r3, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4),
+                         BLOCK_C, BLOCK_S, FAST_MATH)
         out = out + sigma * z
     tl.store(out_ptr + n * son + c[:, None] * soc + s[None, :] * sos, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -244,7 +244,7 @@ def ddim_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, tp_ptr, abar_ptr, T,
     out = c_x0 * x0 + c_dir * eps
     if sigma > 0:
         r0, r1, r2, r3 = _rng_key(k0, k1, o0, o1)
-        z = _normal_tile(r0, r1, r2, r3, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4), BLOCK_C,
-                           BLOCK_S, FAST_MATH)
+        z = _normal_tile(r0, r1, r2, r3, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4),
+                         BLOCK_C, BLOCK_S, FAST_MATH)
         out = out + sigma * z
     tl.store(out_ptr + n * son + c[:, None] * soc + s[None, :] * sos, out.to(out_ptr.dtype.element_ty), mask=mask)
