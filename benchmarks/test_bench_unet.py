@@ -99,7 +99,7 @@ def flops_per_step(device) -> float:
 
 # "+graph": the whole training step captured in one CUDA graph and replayed, which removes the
 # host's cost per launched kernel. At batch 128 and 32 px the eager step is already partly host-bound
-# on an H100 (65.5 ms wall for 53.7 ms of GPU time) and the fused step much more so (78 ms wall for
+# on an H100 (65.6 ms wall for 53.7 ms of GPU time) and the fused step much more so (78 ms wall for
 # 27.7 ms of GPU time, torch.profiler), so these variants compare the GPU work side by side.
 VARIANTS = ["eager", "fallback", "compile", "triton", "triton+compile", "eager+graph", "compile+graph", "triton+graph"]
 
