@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice  # approximate log/sin/cos (FAST_MATH); triton >= 3.0
 
 from kernels._group_norm_triton import _sum
-
-try:  # the GPU's approximate (MUFU) log/sin/cos; the interpreter never reaches them (FAST_MATH=False)
-    from triton.language.extra import libdevice
-except ImportError:  # pragma: no cover - very old triton
-    libdevice = None
 
 _RNG_ARGS = ["k0", "k1", "o0", "o1"]  # never specialised: values change every call
 
