@@ -159,6 +159,7 @@ def evaluate(args: argparse.Namespace, acc) -> dict:
     train = record.get("train", {})
     setup = EvalSetup(metric=args.metric, features=args.features,
                       reference=args.reference or train.get("data") or args.dataset or "digits",
+                      reference_flag=("--reference" if args.reference else "the run's --data" if train.get("data") else "--dataset"),
                       split=args.reference_split, image_size=shape[0], channels=shape[2],
                       judge_dataset=args.dataset, seed=args.seed, chunk_size=args.chunk_size,
                       cache_dir=train.get("cache_dir") or None, use_cache=not args.recompute_reference)

@@ -358,3 +358,17 @@ def test_evaluate_accuracy_of_an_unconditional_run(tmp_path, cache, capsys):
     assert captured.out == ""
     one_error_line(captured.err, "needs a class-conditional run")
 
+
+
+def test_evaluate_missing_reference_is_named_by_its_own_flag(tmp_path, capsys):
+    from PIL import Image
+
+    from genscale import evaluate
+
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "a.png")
+    missing = tmp_path / "no-such-reference"
+    assert evaluate.main(["--samples", str(folder), "--reference", str(missing), "--metric", "fid"]) == 2
+    # was "--data '...' is neither ...": the user never typed --data
+    one_error_line(capsys.readouterr().err, f"--reference '{missing}' is neither an embedded dataset")

@@ -49,3 +49,23 @@ def test_ddpm_sampler_respaces_to_the_requested_steps():
     seen.clear()
     reverse_process(fam, (2, 1, 8, 8), sampler="ddpm", generator=torch.Generator().manual_seed(0))
     assert seen == list(range(19, -1, -1))  # not asked: every timestep
+
+
+def test_guidance_without_a_trained_unconditional_model_is_refused():
+    """--cond-drop 0 with the default --cfg-scale 2 trained silently and sampled with the null
+    label's untrained embedding; now refused at the start (and at sampling time)."""
+    import pytest
+
+    from genscale.errors import UserError
+    from genscale.families.ddpm import reverse_process
+
+    digits = DataInfo("digits", 1, 8, 10)
+    with pytest.raises(UserError, match="--cond-drop 0 never trains"):
+        DDPM(TrainConfig(), Options(base_width=16, cond_drop=0.0), digits)
+    DDPM(TrainConfig(), Options(base_width=16, cond_drop=0.0), DataInfo("plain", 1, 8, 0))  # no labels, no guidance
+    fam = DDPM(TrainConfig(), Options(base_width=16, cond_drop=0.0, cfg_scale=1.0, timesteps=4), digits)
+    labels = torch.tensor([1, 2])
+    out = reverse_process(fam, (2, 1, 8, 8), labels, sampling_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 1, 8, 8)
+    with pytest.raises(UserError, match="--cfg-scale 3 needs an unconditional model"):
+        reverse_process(fam, (2, 1, 8, 8), labels, cfg_scale=3.0, sampling_steps=2)

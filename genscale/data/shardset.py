@@ -41,11 +41,12 @@ class ShardSet:
                         paired=self.paired)
 
 
-def resolve_data(spec: str, split: str = "train", cache_dir: str | None = None) -> ShardSet:
+def resolve_data(spec: str, split: str = "train", cache_dir: str | None = None, flag: str = "--data") -> ShardSet:
     """Shards of ``split`` for ``spec``: an embedded dataset name (digits, faces, photos,
     photos-paired), a folder of shards (its ``train/`` and ``test/`` subfolders if present,
     else all its tars as the train split), a single .tar, or a brace pattern
-    ``path/{000000..000009}.tar`` (the last two are train-only)."""
+    ``path/{000000..000009}.tar`` (the last two are train-only). ``flag`` names the option the
+    spec came from in error messages."""
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; use 'train' or 'test'.")
     if spec in BUILTIN_NAMES:
@@ -60,7 +61,7 @@ def resolve_data(spec: str, split: str = "train", cache_dir: str | None = None) 
         return _from_folder(spec, split, name=_name_of(spec))
     if os.path.isfile(spec):
         return _from_files([spec], split, spec, name=os.path.splitext(os.path.basename(spec))[0])
-    raise UserError(f"--data {spec!r} is neither an embedded dataset ({', '.join(BUILTIN_NAMES)}) "
+    raise UserError(f"{flag} {spec!r} is neither an embedded dataset ({', '.join(BUILTIN_NAMES)}) "
                     "nor an existing folder, .tar file or shard pattern.")
 
 

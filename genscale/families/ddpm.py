@@ -14,6 +14,7 @@ import kernels
 from genscale.diffusion.samplers import ddim_sample, ddpm_sample
 from genscale.diffusion.schedule import NoiseSchedule
 from genscale.diffusion.losses import diffusion_loss
+from genscale.errors import UserError
 from genscale.families.base import DataInfo, Family
 from genscale.models.unet import UNet
 
@@ -36,8 +37,6 @@ class Options:
     cfg_scale: float = 2.0  # default guidance scale when sampling with labels
 
     def validate(self) -> None:
-        from genscale.errors import UserError
-
         choices = {"schedule": ("linear", "cosine"), "prediction": ("eps", "v"), "loss": ("l2", "l1"),
                    "sampler": ("ddpm", "ddim")}
         for name, allowed in choices.items():
@@ -65,6 +64,14 @@ PRESET = {"data": "digits", "image_size": 8, "steps": 2000, "batch_size": 64, "l
           "warmup_steps": 200, "ema_decay": 0.999, "ckpt_every": 500, "sample_every": 1000}
 
 
+def check_guidance(cond_drop: float, num_classes: int, cfg_scale: float) -> None:
+    """Guidance mixes in the network given the null label; with --cond-drop 0 on labelled data that
+    embedding is never trained, so any scale but 1 would sample from noise-like predictions."""
+    if num_classes and cond_drop == 0 and cfg_scale != 1:
+        raise UserError(f"--cfg-scale {cfg_scale:g} needs an unconditional model, which --cond-drop 0 never "
+                        "trains: pass --cfg-scale 1 (no guidance) or train with a --cond-drop above 0.")
+
+
 class DDPM(Family):
     name = "ddpm"
     ema_names = ("model",)
@@ -73,6 +80,7 @@ class DDPM(Family):
         super().__init__()
         self.opts = options
         self.num_classes = info.num_classes
+        check_guidance(options.cond_drop, info.num_classes, options.cfg_scale)
         self.shape = (info.channels, info.image_size, info.image_size)
         self.schedule = NoiseSchedule(options.schedule, options.timesteps)
         self.nets["model"] = UNet(
@@ -123,10 +131,13 @@ def reverse_process(family, shape, labels=None, generator=None, cfg_scale=None, 
     """The sampler a diffusion family's options (or the call's overrides) pick, run with the network
     in eval mode; shared by ddpm (pixels) and ldm (latents, ``clip_x0`` False)."""
     opts, net = family.opts, family.nets["model"]
+    scale = opts.cfg_scale if cfg_scale is None else cfg_scale
+    if labels is not None:
+        check_guidance(opts.cond_drop, family.num_classes, scale)
     was_training = net.training
     net.eval()
     common = dict(labels=labels if family.num_classes else None, num_classes=family.num_classes,
-                  cfg_scale=opts.cfg_scale if cfg_scale is None else cfg_scale, prediction=opts.prediction,
+                  cfg_scale=scale, prediction=opts.prediction,
                   generator=generator, device=family.device, progress=progress, clip_x0=clip_x0)
     if (sampler or opts.sampler) == "ddpm":
         # all T steps, unless the call asks for fewer (the respaced process of improved DDPM)

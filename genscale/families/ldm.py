@@ -103,6 +103,7 @@ class LDM(Family):
         super().__init__()
         self.opts, self.info = options, info
         self.num_classes = info.num_classes
+        ddpm.check_guidance(options.cond_drop, info.num_classes, options.cfg_scale)
         self.schedule = NoiseSchedule(options.schedule, options.timesteps)
         if options.autoencoder_config:  # a recorded run: the weights come with its checkpoint
             spec, weights = json.loads(options.autoencoder_config), None

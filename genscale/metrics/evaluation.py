@@ -82,6 +82,7 @@ class EvalSetup:
     metric: str = "fid"
     features: str = "judge"  # judge | inception
     reference: str = "digits"  # a data spec (genscale.data.resolve_data) or a folder of image files
+    reference_flag: str = "--reference"  # where the reference came from, for error messages
     split: str = "test"
     image_size: int = 16  # resolution (and channels) the reference split is read at
     channels: int = 1
@@ -143,7 +144,7 @@ class Evaluator:
         from genscale.data import resolve_data
 
         s = self.setup
-        return self._main_first(lambda: resolve_data(s.reference, s.split, s.cache_dir).name)
+        return self._main_first(lambda: resolve_data(s.reference, s.split, s.cache_dir, s.reference_flag).name)
 
     @property
     def extractor(self) -> FeatureExtractor:
@@ -156,7 +157,7 @@ class Evaluator:
         from genscale.data import resolve_data
 
         s = self.setup
-        self._main_first(lambda: resolve_data(s.reference, split, s.cache_dir))  # writes embedded shards once
+        self._main_first(lambda: resolve_data(s.reference, split, s.cache_dir, s.reference_flag))  # writes embedded shards once
         return split_features(s.reference, split, self.extractor, s.image_size, s.channels, self.acc,
                               s.cache_dir, s.use_cache)
 
