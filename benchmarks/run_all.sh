@@ -2,11 +2,11 @@
 # One device call on a CUDA machine: the gpu-marked kernel tests, then the benchmarks; results,
 # logs and a markdown summary under $OUT (default: benchmarks/results/run-<UTC date>).
 #
-#   benchmarks/run_all.sh                 # tests gn noise unet, in that order
+#   benchmarks/run_all.sh                 # tests gn noise unet host, in that order
 #   benchmarks/run_all.sh tests gn        # a subset (e.g. two device calls: "tests gn", "noise unet")
 #
 # Estimates on an H100 with cold compile caches: tests 2-3 min, gn 4-5 min, noise 1-2 min, unet
-# 3-4 min; a 10-minute call fits "tests gn" or "noise unet". BENCH_QUICK=1 trims the shapes.
+# 3-4 min, host < 1 min; a 10-minute call fits "tests gn" or "noise unet". BENCH_QUICK=1 trims the shapes.
 # Each stage has its own time limit (LIMIT_<STAGE> seconds) and is interrupted cleanly at it:
 # what was measured so far is still written. Files in $OUT (8 at most come back from a device call):
 #   env.txt run.log tests_junit.xml results.json summary.md raw.tar.gz
@@ -21,7 +21,7 @@ unset TRITON_INTERPRET GENSCALE_KERNELS
 PY="${PYTHON:-python3}"
 LOG="$OUT/run.log"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests gn noise unet)
+[ ${#stages[@]} -eq 0 ] && stages=(tests gn noise unet host)
 
 {
   date -u
@@ -52,7 +52,9 @@ for stage in "${stages[@]}"; do
              --benchmark-json="$STAGE_DIR/raw_noise.json" ;;
     unet) run_stage unet "${LIMIT_UNET:-270}" env BENCH_NAME=results_unet "${BENCH[@]}" benchmarks/test_bench_unet.py \
             --benchmark-json="$STAGE_DIR/raw_unet.json" ;;
-    *) echo "unknown stage $stage (tests, gn, noise, unet)" | tee -a "$LOG" ;;
+    host) run_stage host "${LIMIT_HOST:-60}" env BENCH_NAME=results_host "${BENCH[@]}" benchmarks/test_bench_host.py \
+            --benchmark-json="$STAGE_DIR/raw_host.json" ;;
+    *) echo "unknown stage $stage (tests, gn, noise, unet, host)" | tee -a "$LOG" ;;
   esac
 done
 

@@ -142,7 +142,25 @@ def markdown(payload: dict[str, Any]) -> str:
             cells.append("; ".join(_target_checks(suite, case, v)) or "-")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + _host_table(rows))
+
+
+HOST_VARIANTS = ("wrapper", "triton", "eager", "autograd floor")
+
+
+def _host_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Host microseconds per call (test_bench_host.py): no targets, the cost the GPU waits on."""
+    cases = _by_case(rows, "host")
+    if not cases:
+        return []
+    present = [v for v in HOST_VARIANTS if any(v in c for c in cases.values())]
+    lines = ["### host", "", "Host time per call, tiny tensors, no synchronisation (wrapper: Triton launches "
+             "stubbed out; triton: real launches)", "",
+             "| " + " | ".join(["case"] + present) + " |", "|" + "---|" * (len(present) + 1)]
+    for case, v in cases.items():
+        lines.append("| " + " | ".join([case] + [f"{v[p]['time_s'] * 1e6:.1f} us" if p in v else "-"
+                                                 for p in present]) + " |")
+    return lines + [""]
 
 
 def merge(paths: list[str]) -> dict[str, Any]:

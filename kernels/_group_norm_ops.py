@@ -120,49 +120,141 @@ def _path_override() -> str:
     return path
 
 
-def _dummy(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return like if t is None else t
-
-
 def _finalize_blocks(cg: int, split: int) -> tuple[int, int]:
     block_k = min(_pow2(split), 64)
     return min(_pow2(cg), max(1, 1024 // block_k)), block_k
+
+
+# ----------------------------------------------------------------------------- launch specs
+# Everything a call launches depends only on the shapes, strides, dtypes and options, so it is
+# worked out once per combination and reused: on the GPU the step is bound by the host issuing
+# kernels (benchmarks/results/2026-11-22-h100), and planning cost as much host time as a launch.
+
+_TUNING_VARS = ("GENSCALE_GN_PATH", "GENSCALE_GN_BLOCK_S", "GENSCALE_GN_BLOCK_C", "GENSCALE_GN_SPLIT",
+                "GENSCALE_GN_FUSED_MAX_FWD", "GENSCALE_GN_FUSED_MAX_BWD")
+_SPECS: dict = {}
+_MAX_SPECS = 1024  # a long run meets a handful of shapes; a sweep over many just starts afresh
+
+
+@dataclass(frozen=True)
+class _Launch:
+    kernel: str  # the jit function's name in kernels._group_norm_triton
+    grid: tuple
+    scalars: tuple  # the arguments after the tensors
+    meta: dict
+
+    def __call__(self, k, *tensors: torch.Tensor) -> None:
+        getattr(k, self.kernel)[self.grid](*tensors, *self.scalars, **self.meta)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    copy_x: bool  # x (or dy) must be made contiguous first (its spatial dims do not collapse)
+    copy_dy: bool
+    launches: tuple  # of _Launch; empty for an empty tensor
+    part: tuple | None  # shape of the fp32 partials buffer
+    coef: tuple | None = None  # split backward: shape of the per-group coefficients
+
+
+def _cached(key: tuple, build) -> _Spec:
+    spec = _SPECS.get(key)
+    if spec is None:
+        if len(_SPECS) >= _MAX_SPECS:
+            _SPECS.clear()
+        spec = _SPECS[key] = build()
+    return spec
+
+
+def _tuning() -> tuple:
+    get = os.environ.get
+    return tuple(get(name, "") for name in _TUNING_VARS)
+
+
+def _forward_spec(x: torch.Tensor, num_groups: int, eps: float, flags: dict) -> _Spec:
+    copy = ncs_strides(x) is None
+    x, xs = _viewable(x)
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // max(1, n * c)
+    cg = c // num_groups
+    ys = ncs_strides(torch.empty_like(x))  # empty_like of a viewable x is dense, hence viewable
+    if x.numel() == 0:
+        return _Spec(copy, False, (), None)
+    p = make_plan(x, num_groups, xs, backward=False)
+    inv_cnt = 1.0 / (cg * s)
+    if p.fused:
+        meta = dict(flags, GB=p.group_block, BLOCK_CG=p.block_cg, BLOCK_S=p.block_s, SINGLE=p.single,
+                    num_warps=p.num_warps)
+        fused = _Launch("gn_fwd_fused", (n, _cdiv(num_groups, p.group_block)),
+                        (num_groups, cg, s, inv_cnt, eps, *xs, *ys), meta)
+        return _Spec(copy, False, (fused,), None)
+    grid = (n, _cdiv(c, p.block_c), p.split)
+    plane = n * p.split * c
+    bcg, bk = _finalize_blocks(cg, p.split)
+    tiles = dict(BLOCK_C=p.block_c, BLOCK_S=p.block_s, num_warps=p.num_warps)
+    return _Spec(copy, False, (
+        _Launch("gn_stats_partial", grid, (c, s, p.chunk, p.split, plane, *xs), tiles),
+        _Launch("gn_stats_finalize", (n * num_groups,),
+                (c, num_groups, cg, s, p.chunk, p.split, plane, inv_cnt, eps),
+                dict(BLOCK_CG=bcg, BLOCK_K=bk, num_warps=4)),
+        _Launch("gn_apply", grid, (c, num_groups, cg, s, p.chunk, *xs, *ys), dict(flags, **tiles)),
+    ), (2, n * p.split, c))
+
+
+def _backward_spec(dy: torch.Tensor, x: torch.Tensor, num_groups: int, flags: dict) -> _Spec:
+    copy_x, copy_dy = ncs_strides(x) is None, ncs_strides(dy) is None
+    x, xs = _viewable(x)
+    dy, ds = _viewable(dy)
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // max(1, n * c)
+    cg = c // num_groups
+    os_ = ncs_strides(torch.empty_like(x))
+    if x.numel() == 0:
+        return _Spec(copy_x, copy_dy, (), None)
+    p = make_plan(x, num_groups, xs, backward=True)
+    inv_cnt = 1.0 / (cg * s)
+    split = 1 if p.fused else p.split
+    plane = n * split * c
+    part = (2, n * split, c)
+    if p.fused:
+        meta = dict(flags, GB=p.group_block, BLOCK_CG=p.block_cg, BLOCK_S=p.block_s, SINGLE=p.single,
+                    num_warps=p.num_warps)
+        fused = _Launch("gn_bwd_fused", (n, _cdiv(num_groups, p.group_block)),
+                        (c, num_groups, cg, s, inv_cnt, plane, *xs, *ds, *os_), meta)
+        return _Spec(copy_x, copy_dy, (fused,), part)
+    grid = (n, _cdiv(c, p.block_c), p.split)
+    tiles = dict(BLOCK_C=p.block_c, BLOCK_S=p.block_s, num_warps=p.num_warps)
+    bcg, bk = _finalize_blocks(cg, p.split)
+    ng = n * num_groups
+    return _Spec(copy_x, copy_dy, (
+        _Launch("gn_bwd_partial", grid, (c, num_groups, cg, s, p.chunk, p.split, plane, *xs, *ds),
+                dict(flags, **tiles)),
+        _Launch("gn_bwd_finalize", (ng,), (c, num_groups, cg, p.split, plane, inv_cnt, ng),
+                dict(HAS_W=flags["HAS_W"], BLOCK_CG=bcg, BLOCK_K=bk, num_warps=4)),
+        _Launch("gn_bwd_apply", grid, (c, num_groups, cg, s, p.chunk, ng, *xs, *ds, *os_), dict(flags, **tiles)),
+    ), part, coef=(2, ng))
 
 
 def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
             num_groups: int, eps: float, act: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from kernels import _group_norm_triton as k
 
-    x, xs = _viewable(x)
-    n, c = x.shape[0], x.shape[1]
-    s = x.numel() // max(1, n * c)
-    cg = c // num_groups
+    has_w, has_b = weight is not None, bias is not None
+    key = ("fwd", x.shape, x.stride(), x.dtype, x.device, num_groups, eps, has_w, has_b, act, _tuning())
+    spec = _cached(key, lambda: _forward_spec(x, num_groups, eps, dict(HAS_W=has_w, HAS_B=has_b, ACT=act)))
+    if spec.copy_x:  # e.g. a spatial crop: rare, copy rather than support every stride pattern
+        x = x.contiguous()
     y = torch.empty_like(x)
-    ys = ncs_strides(y)  # empty_like of a viewable x is dense, hence viewable
-    mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
+    mean = torch.empty((x.shape[0], num_groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    if x.numel() == 0:
-        return y, mean, rstd
-    p = make_plan(x, num_groups, xs, backward=False)
-    w, b = _dummy(weight, x), _dummy(bias, x)
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=act)
-    inv_cnt = 1.0 / (cg * s)
-    if p.fused:
-        grid = (n, _cdiv(num_groups, p.group_block))
-        k.gn_fwd_fused[grid](x, y, w, b, mean, rstd, num_groups, cg, s, inv_cnt, eps, *xs, *ys, **flags,
-                             GB=p.group_block, BLOCK_CG=p.block_cg, BLOCK_S=p.block_s, SINGLE=p.single,
-                             num_warps=p.num_warps)
-        return y, mean, rstd
-    grid = (n, _cdiv(c, p.block_c), p.split)
-    plane = n * p.split * c
-    part = torch.empty((2, n * p.split, c), device=x.device, dtype=torch.float32)
-    k.gn_stats_partial[grid](x, part, c, s, p.chunk, p.split, plane, *xs,
-                             BLOCK_C=p.block_c, BLOCK_S=p.block_s, num_warps=p.num_warps)
-    bcg, bk = _finalize_blocks(cg, p.split)
-    k.gn_stats_finalize[(n * num_groups,)](part, mean, rstd, c, num_groups, cg, s, p.chunk, p.split, plane,
-                                            inv_cnt, eps, BLOCK_CG=bcg, BLOCK_K=bk, num_warps=4)
-    k.gn_apply[grid](x, y, w, b, mean, rstd, c, num_groups, cg, s, p.chunk, *xs, *ys, **flags,
-                     BLOCK_C=p.block_c, BLOCK_S=p.block_s, num_warps=p.num_warps)
+    w, b = weight if has_w else x, bias if has_b else x  # absent parameters: any pointer, never read
+    if len(spec.launches) == 1:
+        spec.launches[0](k, x, y, w, b, mean, rstd)
+    elif spec.launches:
+        part = torch.empty(spec.part, device=x.device, dtype=torch.float32)
+        stats, finalize, apply = spec.launches
+        stats(k, x, part)
+        finalize(k, part, mean, rstd)
+        apply(k, x, y, w, b, mean, rstd)
     return y, mean, rstd
 
 
@@ -171,39 +263,25 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
     """Returns dx (x's dtype and layout) and a [2, C] fp32 tensor holding dbias and dweight."""
     from kernels import _group_norm_triton as k
 
-    x, xs = _viewable(x)
-    dy, ds = _viewable(dy)
-    n, c = x.shape[0], x.shape[1]
-    s = x.numel() // max(1, n * c)
-    cg = c // num_groups
+    has_w, has_b = weight is not None, bias is not None
+    key = ("bwd", x.shape, x.stride(), dy.stride(), x.dtype, dy.dtype, x.device, num_groups, has_w, has_b, act,
+           _tuning())
+    spec = _cached(key, lambda: _backward_spec(dy, x, num_groups, dict(HAS_W=has_w, HAS_B=has_b, ACT=act)))
+    x = x.contiguous() if spec.copy_x else x
+    dy = dy.contiguous() if spec.copy_dy else dy
     dx = torch.empty_like(x)
-    os_ = ncs_strides(dx)
-    if x.numel() == 0:
-        return dx, torch.zeros((2, c), device=x.device, dtype=torch.float32)
-    p = make_plan(x, num_groups, xs, backward=True)
-    w, b = _dummy(weight, x), _dummy(bias, x)
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=act)
-    inv_cnt = 1.0 / (cg * s)
-    split = 1 if p.fused else p.split
-    plane = n * split * c
-    part = torch.empty((2, n * split, c), device=x.device, dtype=torch.float32)
-    if p.fused:
-        grid = (n, _cdiv(num_groups, p.group_block))
-        k.gn_bwd_fused[grid](x, dy, dx, w, b, mean, rstd, part, c, num_groups, cg, s, inv_cnt, plane,
-                             *xs, *ds, *os_, **flags,
-                             GB=p.group_block, BLOCK_CG=p.block_cg, BLOCK_S=p.block_s, SINGLE=p.single,
-                             num_warps=p.num_warps)
+    if not spec.launches:
+        return dx, torch.zeros((2, x.shape[1]), device=x.device, dtype=torch.float32)
+    w, b = weight if has_w else x, bias if has_b else x
+    part = torch.empty(spec.part, device=x.device, dtype=torch.float32)
+    if len(spec.launches) == 1:
+        spec.launches[0](k, x, dy, dx, w, b, mean, rstd, part)
     else:
-        grid = (n, _cdiv(c, p.block_c), p.split)
-        k.gn_bwd_partial[grid](x, dy, w, b, mean, rstd, part, c, num_groups, cg, s, p.chunk, p.split, plane,
-                               *xs, *ds, **flags, BLOCK_C=p.block_c, BLOCK_S=p.block_s, num_warps=p.num_warps)
-        coef = torch.empty((2, n * num_groups), device=x.device, dtype=torch.float32)
-        bcg, bk = _finalize_blocks(cg, p.split)
-        k.gn_bwd_finalize[(n * num_groups,)](part, w, coef, c, num_groups, cg, p.split, plane, inv_cnt,
-                                              n * num_groups, HAS_W=weight is not None,
-                                              BLOCK_CG=bcg, BLOCK_K=bk, num_warps=4)
-        k.gn_bwd_apply[grid](x, dy, dx, w, b, mean, rstd, coef, c, num_groups, cg, s, p.chunk, n * num_groups,
-                             *xs, *ds, *os_, **flags, BLOCK_C=p.block_c, BLOCK_S=p.block_s, num_warps=p.num_warps)
+        coef = torch.empty(spec.coef, device=x.device, dtype=torch.float32)
+        partial, finalize, apply = spec.launches
+        partial(k, x, dy, w, b, mean, rstd, part)
+        finalize(k, part, w, coef)
+        apply(k, x, dy, dx, w, b, mean, rstd, coef)
     # A fixed-order sum over samples and chunks: deterministic dweight / dbias.
     return dx, part.sum(dim=1)
 

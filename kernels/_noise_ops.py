@@ -6,6 +6,7 @@ float64 on the tensors' device; seed and offset in [0, 2**63).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -22,8 +23,37 @@ MASK32 = 0xFFFFFFFF
 # (enable_fp_fusion=False): one extra instruction per element in memory-bound kernels.
 
 
-def _geometry(x: torch.Tensor) -> tuple[int, int, int, dict, tuple]:
-    """N, C, S, the tile constants and the grid for a tensor seen as [N, C, S]."""
+@dataclass(frozen=True)
+class _Layout:
+    """How a tensor is launched on: everything derived from its shape and strides (and the math
+    mode), worked out once per combination because the host cost of a call is what bounds a
+    training step on the GPU (benchmarks/results/2026-11-22-h100)."""
+    copy: bool  # the spatial dims do not collapse into one: the launcher works on a contiguous copy
+    strides: tuple  # [N, C, S] strides (of the copy when ``copy``)
+    out_strides: tuple  # those of torch.empty_like(the tensor launched on)
+    c: int
+    s: int
+    meta: dict  # tile constants
+    grid: tuple
+
+
+_LAYOUTS: dict = {}
+_MAX_LAYOUTS = 1024
+
+
+def _layout(x: torch.Tensor) -> _Layout:
+    key = (x.shape, x.stride(), fast_math())
+    found = _LAYOUTS.get(key)
+    if found is None:
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        found = _LAYOUTS[key] = _make_layout(x, key[2])
+    return found
+
+
+def _make_layout(x: torch.Tensor, fast: bool) -> _Layout:
+    copy = ncs_strides(x) is None
+    x, strides = _viewable(x)
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // max(1, n * c)
     channel_fast = x.stride(1) == 1 and s > 1
@@ -33,13 +63,19 @@ def _geometry(x: torch.Tensor) -> tuple[int, int, int, dict, tuple]:
     else:
         block_s = max(4, min(_pow2(s), 1024))
         block_c = min(_pow2(c), max(1, 2048 // block_s))
-    meta = dict(BLOCK_C=block_c, BLOCK_S=block_s, FAST_MATH=fast_math(),
+    meta = dict(BLOCK_C=block_c, BLOCK_S=block_s, FAST_MATH=fast,
                 num_warps=4 if block_c * block_s <= 1024 else 8)
     grid = (_cdiv(s, block_s), _cdiv(c, block_c), n)
     if max(grid[1:]) > 65535:  # CUDA's limit on grid axes 1 and 2
         raise ValueError(f"the noise kernels take at most 65535 samples and {65535 * block_c} channels; "
                          f"got N={n}, C={c}")
-    return n, c, s, meta, grid
+    return _Layout(copy, strides, ncs_strides(torch.empty_like(x)), c, s, meta, grid)
+
+
+def _launch_view(t: torch.Tensor) -> tuple[torch.Tensor, _Layout]:
+    """``t`` as the kernels read it (a contiguous copy only when its spatial dims do not collapse)."""
+    lay = _layout(t)
+    return (t.contiguous() if lay.copy else t), lay
 
 
 def fast_math() -> bool:
@@ -55,19 +91,15 @@ def _rng(seed: int, offset: int) -> tuple[int, int, int, int]:
     return seed & MASK32, (seed >> 32) & MASK32, offset & MASK32, (offset >> 32) & MASK32
 
 
-def _strides(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    return _viewable(t)
-
-
 def normal(like: torch.Tensor, seed: int, offset: int, dtype: torch.dtype) -> torch.Tensor:
     from kernels import _noise_triton as k
 
     out = torch.empty_like(like, dtype=dtype)
     if out.numel() == 0:
         return out
-    n, c, s, meta, grid = _geometry(out)
-    k.normal_kernel[grid](out, c, s, _cdiv(s, 4), *_rng(seed, offset), *ncs_strides(out),
-                          enable_fp_fusion=False, **meta)
+    lay = _layout(out)
+    k.normal_kernel[lay.grid](out, lay.c, lay.s, _cdiv(lay.s, 4), *_rng(seed, offset), *lay.strides,
+                              enable_fp_fusion=False, **lay.meta)
     return out
 
 
@@ -75,42 +107,41 @@ def q_sample(x0: torch.Tensor, noise: Optional[torch.Tensor], t: torch.Tensor, a
              seed: int, offset: int) -> torch.Tensor:
     from kernels import _noise_triton as k
 
-    x0, xs = _strides(x0)
+    x0, lay = _launch_view(x0)
     out = torch.empty_like(x0)
     if out.numel() == 0:
         return out
-    e, es = _strides(noise) if noise is not None else (x0, xs)
-    n, c, s, meta, grid = _geometry(x0)
-    k.q_sample_kernel[grid](x0, e, out, t, abar, abar.shape[0], c, s, _cdiv(s, 4), *_rng(seed, offset),
-                            *xs, *es, *ncs_strides(out), HAS_EPS=noise is not None, enable_fp_fusion=False,
-                            **meta)
+    e, elay = _launch_view(noise) if noise is not None else (x0, lay)
+    k.q_sample_kernel[lay.grid](x0, e, out, t, abar, abar.shape[0], lay.c, lay.s, _cdiv(lay.s, 4),
+                                *_rng(seed, offset), *lay.strides, *elay.strides, *lay.out_strides,
+                                HAS_EPS=noise is not None, enable_fp_fusion=False, **lay.meta)
     return out
 
 
 def eps_loss(pred: torch.Tensor, seed: int, offset: int, l1: bool) -> torch.Tensor:
     from kernels import _noise_triton as k
 
-    pred, ps = _strides(pred)
-    n, c, s, meta, grid = _geometry(pred)
+    pred, lay = _launch_view(pred)
+    grid = lay.grid
     part = torch.empty(grid[0] * grid[1] * grid[2], device=pred.device, dtype=torch.float32)
     if pred.numel():
-        k.eps_loss_fwd_kernel[grid](pred, part, c, s, _cdiv(s, 4), *_rng(seed, offset), *ps, L1=l1,
-                                    enable_fp_fusion=False, **meta)
+        k.eps_loss_fwd_kernel[grid](pred, part, lay.c, lay.s, _cdiv(lay.s, 4), *_rng(seed, offset), *lay.strides,
+                                    L1=l1, enable_fp_fusion=False, **lay.meta)
     # Partial sums added in a fixed order (fp64): deterministic and accurate.
-    return (part.to(torch.float64).sum() / max(1, pred.numel())).to(torch.float32)
+    return part.sum(dtype=torch.float64).div_(max(1, pred.numel())).to(torch.float32)
 
 
 def eps_loss_backward(grad: torch.Tensor, pred: torch.Tensor, seed: int, offset: int, l1: bool) -> torch.Tensor:
     from kernels import _noise_triton as k
 
-    pred, ps = _strides(pred)
+    pred, lay = _launch_view(pred)
     out = torch.empty_like(pred)
     if out.numel() == 0:
         return out
-    n, c, s, meta, grid = _geometry(pred)
     g = grad.to(device=pred.device, dtype=torch.float32).reshape(())
-    k.eps_loss_bwd_kernel[grid](pred, g, out, 1.0 / pred.numel(), c, s, _cdiv(s, 4), *_rng(seed, offset),
-                                *ps, *ncs_strides(out), L1=l1, enable_fp_fusion=False, **meta)
+    k.eps_loss_bwd_kernel[lay.grid](pred, g, out, 1.0 / pred.numel(), lay.c, lay.s, _cdiv(lay.s, 4),
+                                    *_rng(seed, offset), *lay.strides, *lay.out_strides, L1=l1,
+                                    enable_fp_fusion=False, **lay.meta)
     return out
 
 
@@ -119,17 +150,16 @@ def ddpm_step(x: torch.Tensor, eps: torch.Tensor, eps_cond: Optional[torch.Tenso
               offset: int) -> torch.Tensor:
     from kernels import _noise_triton as k
 
-    x, xs = _strides(x)
-    eps, es = _strides(eps)
-    ec, cs = _strides(eps_cond) if eps_cond is not None else (eps, es)
+    x, lay = _launch_view(x)
+    eps, elay = _launch_view(eps)
+    ec, clay = _launch_view(eps_cond) if eps_cond is not None else (eps, elay)
     out = torch.empty_like(x)
     if out.numel() == 0:
         return out
-    n, c, s, meta, grid = _geometry(x)
-    k.ddpm_step_kernel[grid](x, eps, ec, out, t, t_prev, abar, abar.shape[0], float(scale), c, s, _cdiv(s, 4),
-                             *_rng(seed, offset),
-                             *xs, *es, *cs, *ncs_strides(out), CFG=eps_cond is not None, CLIP=clip,
-                             LARGE_VAR=large_var, **meta)
+    k.ddpm_step_kernel[lay.grid](x, eps, ec, out, t, t_prev, abar, abar.shape[0], float(scale), lay.c, lay.s,
+                                 _cdiv(lay.s, 4), *_rng(seed, offset),
+                                 *lay.strides, *elay.strides, *clay.strides, *lay.out_strides,
+                                 CFG=eps_cond is not None, CLIP=clip, LARGE_VAR=large_var, **lay.meta)
     return out
 
 
@@ -138,17 +168,16 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, eps_cond: Optional[torch.Tenso
               seed: int, offset: int) -> torch.Tensor:
     from kernels import _noise_triton as k
 
-    x, xs = _strides(x)
-    eps, es = _strides(eps)
-    ec, cs = _strides(eps_cond) if eps_cond is not None else (eps, es)
+    x, lay = _launch_view(x)
+    eps, elay = _launch_view(eps)
+    ec, clay = _launch_view(eps_cond) if eps_cond is not None else (eps, elay)
     out = torch.empty_like(x)
     if out.numel() == 0:
         return out
-    n, c, s, meta, grid = _geometry(x)
-    k.ddim_step_kernel[grid](x, eps, ec, out, t, t_prev, abar, abar.shape[0], float(scale), float(eta), c, s,
-                             _cdiv(s, 4),
-                             *_rng(seed, offset), *xs, *es, *cs, *ncs_strides(out),
-                             CFG=eps_cond is not None, CLIP=clip, **meta)
+    k.ddim_step_kernel[lay.grid](x, eps, ec, out, t, t_prev, abar, abar.shape[0], float(scale), float(eta),
+                                 lay.c, lay.s, _cdiv(lay.s, 4), *_rng(seed, offset),
+                                 *lay.strides, *elay.strides, *clay.strides, *lay.out_strides,
+                                 CFG=eps_cond is not None, CLIP=clip, **lay.meta)
     return out
 
 

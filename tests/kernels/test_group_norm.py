@@ -229,3 +229,28 @@ def test_cpu_fallback_is_the_eager_reference(monkeypatch):
     yb = kernels.group_norm_silu(x.bfloat16(), w, b, 3)
     assert yb.dtype == torch.bfloat16
     assert rel_err(yb, F.silu(F.group_norm(x.bfloat16().double(), 3, w.double(), b.double()))) <= 1e-2
+
+
+def test_launch_plans_follow_the_tuning_environment(device, monkeypatch):
+    """Launch specs are cached per shape; a changed override must still change what is launched
+    (the tests above force each strategy through the environment on the same shapes)."""
+    from kernels import _group_norm_ops
+
+    launched = []
+    real_call = _group_norm_ops._Launch.__call__
+    monkeypatch.setattr(_group_norm_ops._Launch, "__call__",
+                        lambda self, k, *t: launched.append(self.kernel) or real_call(self, k, *t))
+    x = make_x(2, 6, (5, 7), False, device)
+    dy = make_x(2, 6, (5, 7), False, device, shift=0.0, scale=1.0)
+    w, b = torch.randn(6, device=device), torch.randn(6, device=device)
+    expected = reference(x, w, b, 3, dy)
+    for path, kernels_run in (("fused", ["gn_fwd_fused", "gn_bwd_fused"]),
+                              ("split", ["gn_stats_partial", "gn_stats_finalize", "gn_apply",
+                                         "gn_bwd_partial", "gn_bwd_finalize", "gn_bwd_apply"]),
+                              ("fused", ["gn_fwd_fused", "gn_bwd_fused"])):
+        monkeypatch.setenv("GENSCALE_GN_PATH", path)
+        launched.clear()
+        got = run(x, w, b, 3, dy)
+        assert launched == kernels_run, path
+        for out, ref in zip(got, expected):
+            assert rel_err(out, ref) <= 1e-5

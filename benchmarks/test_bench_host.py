@@ -1,0 +1,135 @@
+"""Host time per call: what the kernels' Python wrappers cost before any GPU work starts.
+
+The first H100 run showed the U-Net step with the fused kernels bound by the host issuing kernels
+(results/2026-11-22-h100), so the host side has its own numbers. Tiny tensors (the GPU work is
+negligible), no synchronisation inside the timed loop. Variants:
+
+* ``wrapper``: the public call with every Triton launch replaced by a no-op: planning, checks,
+  allocations and autograd only. Runs on the CPU too (tensors on the CPU, the Triton path forced).
+* ``triton``: the real launches (GPU only): wrapper plus Triton's launcher.
+* ``eager``: the same computation in plain PyTorch ops, as eager code would write it.
+* ``autograd floor``: an autograd.Function that only allocates its outputs: the least any
+  Python-level op with a backward costs.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from _harness import Record
+
+CALLS = 300
+N, C, G, HW = 4, 128, 32, 8
+
+
+def _stub_launches(monkeypatch) -> None:
+    """Replace every jit kernel by an object whose launch does nothing."""
+    from kernels import _group_norm_triton, _noise_triton
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    for module in (_group_norm_triton, _noise_triton):
+        for name, obj in vars(module).copy().items():
+            if type(obj).__name__ in ("JITFunction", "InterpretedFunction"):
+                monkeypatch.setattr(module, name, NoLaunch())
+
+
+class _Floor(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w, b)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, b = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(w), torch.empty_like(b)
+
+
+def _cases(device: torch.device) -> dict:
+    x = torch.randn(N, C, HW, HW, device=device).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.ones(C, device=device, requires_grad=True)
+    b = torch.zeros(C, device=device, requires_grad=True)
+    dy = torch.randn_like(x)
+    x0 = torch.randn(N, 3, 32, 32, device=device)
+    pred = torch.randn(N, 3, 32, 32, device=device, requires_grad=True)
+    t = torch.randint(0, 1000, (N,), device=device)
+    abar = torch.linspace(0.999, 0.001, 1000, dtype=torch.float64, device=device)
+
+    def gn_fwd():
+        with torch.no_grad():
+            kernels.group_norm_silu(x, w, b, G)
+
+    def gn_fwdbwd():
+        kernels.group_norm_silu(x, w, b, G).backward(dy)
+
+    def eager_gn_fwd():
+        with torch.no_grad():
+            F.silu(F.group_norm(x, G, w, b))
+
+    def eager_gn_fwdbwd():
+        F.silu(F.group_norm(x, G, w, b)).backward(dy)
+
+    def q_sample():
+        kernels.q_sample(x0, t, abar, seed=5)
+
+    def eager_q_sample():
+        a = abar[t].float().view(-1, 1, 1, 1)
+        a.sqrt() * x0 + (1 - a).sqrt() * torch.randn_like(x0)
+
+    def loss():
+        kernels.eps_loss(pred, 5).backward()
+
+    def eager_loss():
+        F.mse_loss(pred, torch.randn_like(pred)).backward()
+
+    return {
+        f"gn fwd {N}x{C}x{HW}x{HW} cl": {"wrapper": gn_fwd, "triton": gn_fwd, "eager": eager_gn_fwd},
+        f"gn fwd+bwd {N}x{C}x{HW}x{HW} cl": {"wrapper": gn_fwdbwd, "triton": gn_fwdbwd, "eager": eager_gn_fwdbwd,
+                                             "autograd floor": lambda: _Floor.apply(x, w, b).backward(dy)},
+        f"q_sample {N}x3x32x32": {"wrapper": q_sample, "triton": q_sample, "eager": eager_q_sample},
+        f"eps_loss fwd+bwd {N}x3x32x32": {"wrapper": loss, "triton": loss, "eager": eager_loss},
+    }
+
+
+CASE_NAMES = list(_cases(torch.device("cpu")))
+VARIANTS = ["wrapper", "triton", "eager", "autograd floor"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_host_cost(benchmark, device, record, monkeypatch, case, variant):
+    fns = _cases(device)[case]
+    if variant not in fns:
+        pytest.skip(f"no {variant} variant for {case}")
+    if variant == "triton" and device.type != "cuda":
+        pytest.skip("real Triton launches need a CUDA GPU (the wrapper variant stubs them)")
+    if variant in ("wrapper", "triton"):
+        monkeypatch.setenv("GENSCALE_KERNELS", "triton")
+        if device.type != "cuda":
+            monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the forced Triton path accept CPU tensors
+    if variant == "wrapper":
+        _stub_launches(monkeypatch)
+    fn = fns[variant]
+    for _ in range(20):  # compile, caches, allocator
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+    def round_() -> None:
+        for _ in range(CALLS):
+            fn()
+
+    start = time.perf_counter()
+    benchmark.pedantic(round_, rounds=5, iterations=1, warmup_rounds=1)
+    per_call = benchmark.stats.stats.min / CALLS
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    benchmark.extra_info.update(calls_per_round=CALLS, wall_s=time.perf_counter() - start)
+    record(Record("host", case, variant, per_call, 0, "host"), benchmark)
