@@ -9,7 +9,8 @@ import sys
 from collections import defaultdict
 from typing import Any
 
-VARIANTS = ("eager", "fallback", "compile", "triton", "triton+compile", "eager+graph", "compile+graph", "triton+graph")
+VARIANTS = ("eager", "fallback", "compile", "triton", "triton+compile", "triton+inline", "eager+graph", "compile+graph",
+            "triton+graph")
 
 # The targets of the kernels issue (H100, bf16, large shapes): (suite, predicate on the case, rules).
 TARGETS = {
@@ -43,7 +44,7 @@ def _fused(suite: str, v: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     model as is and under torch.compile (both are what a user can run), else the Triton kernel."""
     if suite != "unet":
         return v.get("triton")
-    rows = [v[name] for name in ("triton", "triton+compile") if name in v]
+    rows = [v[name] for name in ("triton", "triton+compile", "triton+inline") if name in v]
     return min(rows, key=lambda r: r["time_s"]) if rows else None
 
 

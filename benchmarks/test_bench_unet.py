@@ -3,7 +3,8 @@
 The step: noise x0 at random t, predict eps, MSE loss, backward, Adam. bf16 autocast and
 channels_last on CUDA. "eager" and "compile" use eager GroupNorm (GENSCALE_KERNELS=eager) and the
 usual randn + formula noising; "triton" uses the fused GroupNorm+SiLU and the fused noising and
-loss kernels; "triton+compile" compiles the latter (the kernels stay opaque custom ops).
+loss kernels; "triton+compile" compiles the latter (the kernels stay opaque custom ops);
+"triton+inline" compiles it with GroupNorm as a triton op that Inductor launches itself.
 MFU = model FLOPs per step (counted by torch's FlopCounterMode) / step time / the datasheet
 bf16 dense peak (also given against the bf16 matrix-product rate measured in this run).
 """
@@ -101,7 +102,10 @@ def flops_per_step(device) -> float:
 # host's cost per launched kernel. At batch 128 and 32 px the eager step is already partly host-bound
 # on an H100 (65.6 ms wall for 53.7 ms of GPU time) and the fused step much more so (78 ms wall for
 # 27.7 ms of GPU time, torch.profiler), so these variants compare the GPU work side by side.
-VARIANTS = ["eager", "fallback", "compile", "triton", "triton+compile", "eager+graph", "compile+graph", "triton+graph"]
+# "triton+inline": triton+compile with GENSCALE_COMPILE_KERNELS=inline (GroupNorm as a triton op that
+# Inductor launches itself instead of an opaque custom op; kernels/_group_norm_inline.py).
+VARIANTS = ["eager", "fallback", "compile", "triton", "triton+compile", "triton+inline", "eager+graph",
+            "compile+graph", "triton+graph"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -117,10 +121,11 @@ def test_unet_training_step(benchmark, device, facts, record, monkeypatch, flops
         pytest.skip("the eager fallback serves non-CUDA tensors; on CUDA the baseline is 'eager'")
     if base.startswith("triton") and device.type != "cuda":
         pytest.skip("Triton kernels need CUDA (the CPU interpreter checks correctness, it cannot time)")
-    fused = base in ("fallback", "triton", "triton+compile")
+    fused = base in ("fallback", "triton", "triton+compile", "triton+inline")
     monkeypatch.setenv("GENSCALE_KERNELS", {"eager": "eager", "compile": "eager", "fallback": "auto"}.get(base, "triton"))
+    monkeypatch.setenv("GENSCALE_COMPILE_KERNELS", "inline" if base == "triton+inline" else "opaque")
     torch._dynamo.reset()
-    step, args = _build(device, fused=fused, compiled="compile" in base, graphed=graphed)
+    step, args = _build(device, fused=fused, compiled="compile" in base or base == "triton+inline", graphed=graphed)
     per_step, method = measure(benchmark, step, [args], device, use_graph=graphed)
     if graphed and method != "graph":
         pytest.fail(f"the training step could not be captured: {benchmark.extra_info.get('graph_capture_error')}")

@@ -67,6 +67,17 @@ def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def compile_inline() -> bool:
+    """Under torch.compile, GroupNorm as a triton op Inductor launches itself (kernels._group_norm_inline)
+    instead of an opaque custom op: ``GENSCALE_COMPILE_KERNELS=inline`` (default ``opaque``). Needs
+    compiled CUDA kernels (and a torch with torch.library.triton_op); under the interpreter the
+    custom op is kept."""
+    mode = os.environ.get("GENSCALE_COMPILE_KERNELS", "opaque").strip().lower() or "opaque"
+    if mode not in ("opaque", "inline"):
+        raise ValueError(f"GENSCALE_COMPILE_KERNELS must be opaque or inline; got {mode!r}")
+    return mode == "inline" and not interpreter_active()
+
+
 def sm_count(device: torch.device) -> int:
     """Multiprocessors on ``device``; 1 for the interpreter (one program runs at a time)."""
     if device.type != "cuda":

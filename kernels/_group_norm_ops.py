@@ -143,8 +143,9 @@ class _Launch:
     scalars: tuple  # the arguments after the tensors
     meta: dict
 
-    def __call__(self, k, *tensors: torch.Tensor) -> None:
-        getattr(k, self.kernel)[self.grid](*tensors, *self.scalars, **self.meta)
+    def __call__(self, k, *tensors: torch.Tensor, wrap=None) -> None:
+        kernel = getattr(k, self.kernel)
+        (wrap(kernel) if wrap else kernel)[self.grid](*tensors, *self.scalars, **self.meta)
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,8 @@ def _backward_spec(dy: torch.Tensor, x: torch.Tensor, num_groups: int, flags: di
 
 
 def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-            num_groups: int, eps: float, act: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            num_groups: int, eps: float, act: bool, wrap=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y, mean, rstd. ``wrap`` (torch.library.wrap_triton inside a triton_op) wraps each kernel."""
     from kernels import _group_norm_triton as k
 
     has_w, has_b = weight is not None, bias is not None
@@ -248,18 +250,19 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     rstd = torch.empty_like(mean)
     w, b = weight if has_w else x, bias if has_b else x  # absent parameters: any pointer, never read
     if len(spec.launches) == 1:
-        spec.launches[0](k, x, y, w, b, mean, rstd)
+        spec.launches[0](k, x, y, w, b, mean, rstd, wrap=wrap)
     elif spec.launches:
         part = torch.empty(spec.part, device=x.device, dtype=torch.float32)
         stats, finalize, apply = spec.launches
-        stats(k, x, part)
-        finalize(k, part, mean, rstd)
-        apply(k, x, y, w, b, mean, rstd)
+        stats(k, x, part, wrap=wrap)
+        finalize(k, part, mean, rstd, wrap=wrap)
+        apply(k, x, y, w, b, mean, rstd, wrap=wrap)
     return y, mean, rstd
 
 
 def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-             mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, act: bool) -> tuple[torch.Tensor, torch.Tensor]:
+             mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, act: bool,
+             wrap=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns dx (x's dtype and layout) and a [2, C] fp32 tensor holding dbias and dweight."""
     from kernels import _group_norm_triton as k
 
@@ -275,13 +278,13 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
     w, b = weight if has_w else x, bias if has_b else x
     part = torch.empty(spec.part, device=x.device, dtype=torch.float32)
     if len(spec.launches) == 1:
-        spec.launches[0](k, x, dy, dx, w, b, mean, rstd, part)
+        spec.launches[0](k, x, dy, dx, w, b, mean, rstd, part, wrap=wrap)
     else:
         coef = torch.empty(spec.coef, device=x.device, dtype=torch.float32)
         partial, finalize, apply = spec.launches
-        partial(k, x, dy, w, b, mean, rstd, part)
-        finalize(k, part, w, coef)
-        apply(k, x, dy, dx, w, b, mean, rstd, coef)
+        partial(k, x, dy, w, b, mean, rstd, part, wrap=wrap)
+        finalize(k, part, w, coef, wrap=wrap)
+        apply(k, x, dy, dx, w, b, mean, rstd, coef, wrap=wrap)
     # A fixed-order sum over samples and chunks: deterministic dweight / dbias.
     return dx, part.sum(dim=1)
 

@@ -239,7 +239,7 @@ def test_launch_plans_follow_the_tuning_environment(device, monkeypatch):
     launched = []
     real_call = _group_norm_ops._Launch.__call__
     monkeypatch.setattr(_group_norm_ops._Launch, "__call__",
-                        lambda self, k, *t: launched.append(self.kernel) or real_call(self, k, *t))
+                        lambda self, k, *t, **kw: launched.append(self.kernel) or real_call(self, k, *t, **kw))
     x = make_x(2, 6, (5, 7), False, device)
     dy = make_x(2, 6, (5, 7), False, device, shift=0.0, scale=1.0)
     w, b = torch.randn(6, device=device), torch.randn(6, device=device)
