@@ -3,7 +3,8 @@
 Triton's NVIDIA backend (LLVM and the bundled ptxas) runs on any x86 machine: a stand-in driver
 reports an sm_90 target, launches become compile-only warm-ups, and the real launchers run on
 CPU tensors with the launch plans a 132-SM H100 would get. For each kernel variant this prints
-registers, spills and shared memory (ptxas -v) and the global load/store widths in the PTX:
+registers, spills and shared memory (ptxas -v), for the (loop-free) noise kernels the sm_90a SASS
+instructions per element (ptxas + nvdisasm), and the global load/store widths in the PTX:
 compile errors, spills and scalar accesses show up here at no device time.
 
 Usage: python benchmarks/aot_report.py [--ptx-dir DIR]   (TRITON_INTERPRET must be unset)
@@ -59,10 +60,11 @@ def _install(compiled: list) -> None:
     JITFunction.run = compile_only
     import kernels._dispatch
     import kernels._group_norm_ops as gn_ops
+    import kernels._noise_ops as noise_ops
     import kernels.group_norm
     import kernels.noise
 
-    gn_ops.sm_count = lambda device: SMS
+    gn_ops.sm_count = noise_ops.sm_count = lambda device: SMS
     for module in (kernels.group_norm, kernels.noise):
         module.use_triton = lambda *tensors: True
 
@@ -114,6 +116,27 @@ def _ptxas(ptx: str) -> str:
         os.unlink(fh.name)
 
 
+def _sass_per_element(ptx: str, meta: dict, num_warps: int) -> str:
+    """Static SASS instructions per element: the noise kernels are straight-line code (no loops), so
+    this is what each thread executes over the elements it owns: the measure of a compute-bound
+    drawing kernel. "-" for the GroupNorm kernels (loops) or without the bundled ptxas/nvdisasm."""
+    if "BLOCK_C" not in meta or "BLOCK_S" not in meta or "FAST_MATH" not in meta:
+        return "-"
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(ptx)
+        for ptxas in sorted(bindir.glob("ptxas*"), reverse=True):
+            if subprocess.run([str(ptxas), "-arch=sm_90a", "-o", f"{tmp}/k.cubin", f"{tmp}/k.ptx"],
+                              capture_output=True, timeout=120).returncode == 0:
+                break
+        else:
+            return "-"
+        sass = subprocess.run([str(bindir / "nvdisasm"), "-c", f"{tmp}/k.cubin"], capture_output=True, text=True,
+                              timeout=120).stdout
+    instructions = len(re.findall(r"/\*[0-9a-f]{4}\*/", sass))  # nvdisasm prefixes each with its offset
+    return f"{instructions / (meta['BLOCK_C'] * meta['BLOCK_S'] / (32 * num_warps)):.1f}"
+
+
 def _widths(ptx: str, op: str) -> str:
     counts: dict[str, int] = {}
     for m in re.finditer(rf"\b{op}\.global((?:\.\w+)*?)\.(v[248]\.)?[bfsu](8|16|32|64)\b", ptx):
@@ -131,7 +154,8 @@ def main() -> None:
     _install(compiled)
     _launch_all()
     seen = set()
-    print(f"{'kernel':22} {'constexprs, first tensor':58} {'warps':>5} {'regs':>4} {'spill':>5} {'smem':>6}  loads / stores")
+    print(f"{'kernel':22} {'constexprs, first tensor':58} {'warps':>5} {'regs':>4} {'spill':>5} {'smem':>6} "
+          f"{'sass/el':>7}  loads / stores")
     for name, meta, kernel in compiled:
         key = kernel.hash if hasattr(kernel, "hash") else id(kernel)
         if key in seen:
@@ -144,7 +168,8 @@ def main() -> None:
         consts = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in meta.items()
                           if k not in ("HAS_W", "HAS_B"))
         print(f"{name:22} {consts[:58]:58} {kernel.metadata.num_warps:>5} {regs.group(1) if regs else '?':>4} "
-              f"{spill.group(1) if spill else '?':>5} {kernel.metadata.shared:>6}  "
+              f"{spill.group(1) if spill else '?':>5} {kernel.metadata.shared:>6} "
+              f"{_sass_per_element(ptx, meta, kernel.metadata.num_warps):>7}  "
               f"{_widths(ptx, 'ld')} / {_widths(ptx, 'st')}")
         if args.ptx_dir:
             Path(args.ptx_dir).mkdir(parents=True, exist_ok=True)

@@ -299,3 +299,25 @@ def test_invalid_arguments():
         kernels.eps_loss(x, 0, 0, kind="huber")
     with pytest.raises(ValueError, match="variance"):
         kernels.ddpm_step(x, x, 3, abar, variance="learned")
+
+
+def test_draws_do_not_depend_on_the_tile(device, monkeypatch):
+    """Kernels that draw use bigger tiles on large tensors (kernels._noise_ops._make_layout): the
+    eps of an element must not change with the tile, or the loss would not regenerate q_sample's
+    eps when the two launch differently (e.g. q_sample with explicit eps uses the smaller tile)."""
+    shape = (2, 3, 24, 20)
+    x0 = make(shape, False, device)
+    abar = abar_table(device)
+    t = STEPS[:2].to(device)
+    results = {}
+    for tile, warps in ((64, 1), (256, 2), (8192, 8)):
+        monkeypatch.setenv("GENSCALE_NOISE_TILE", str(tile))
+        monkeypatch.setenv("GENSCALE_NOISE_WARPS", str(warps))
+        results[tile] = (kernels.philox_normal(x0, 9, 3), kernels.q_sample(x0, t, abar, seed=9, offset=3))
+    monkeypatch.setenv("GENSCALE_NOISE_TILE", "64")
+    eps_small_tile = results[64][0]
+    monkeypatch.setenv("GENSCALE_NOISE_TILE", "8192")
+    assert kernels.eps_loss(eps_small_tile, 9, 3).item() == 0.0  # regenerated with another tile
+    for eps, xt in results.values():
+        assert torch.equal(eps, results[64][0]) and torch.equal(xt, results[64][1])
+    assert rel_err(eps_small_tile, draws(shape, 9, 3)) <= 5e-6
