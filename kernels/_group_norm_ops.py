@@ -158,7 +158,10 @@ class _Spec:
 
 
 def _cached(key: tuple, build) -> _Spec:
-    spec = _SPECS.get(key)
+    try:
+        spec = _SPECS.get(key)
+    except TypeError:  # symbolic sizes (a triton op traced with dynamic shapes): plan afresh
+        return build()
     if spec is None:
         if len(_SPECS) >= _MAX_SPECS:
             _SPECS.clear()

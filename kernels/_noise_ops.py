@@ -47,7 +47,10 @@ def _layout(x: torch.Tensor, draws: bool = False) -> _Layout:
     """The layout of the tensor a kernel is launched on; ``draws``: the kernel draws normals."""
     key = (x.shape, x.stride(), x.device, draws, fast_math(), env_int("GENSCALE_NOISE_TILE", 0),
            env_int("GENSCALE_NOISE_WARPS", 0))
-    found = _LAYOUTS.get(key)
+    try:
+        found = _LAYOUTS.get(key)
+    except TypeError:  # symbolic sizes: lay out afresh
+        return _make_layout(x, *key[3:])
     if found is None:
         if len(_LAYOUTS) >= _MAX_LAYOUTS:
             _LAYOUTS.clear()
@@ -61,9 +64,9 @@ def _make_layout(x: torch.Tensor, draws: bool, fast: bool, tile: int, warps: int
     * kernels that draw normals are compute-bound (Philox + Box-Muller; measured on the H100, bf16
       and fp32 q_sample took the same time), and each thread also pays a fixed setup (indices,
       fp64 schedule coefficients, the key). TILE_DRAW elements per 8 warps (32 per thread) cut
-      the sm_90 instructions per element (ptxas + nvdisasm, no spills) from 62 to 39 for q_sample,
-      50 to 36 for the loss forward and 113 to 60 for a DDPM step, against TILE (8 per thread);
-      used when it still leaves >= 4 programs per multiprocessor;
+      the static sm_90a instructions per element (benchmarks/aot_report.py; no spills) from 62
+      to 39 for q_sample, 50 to 36 for the loss forward and 113 to 60 for a DDPM step, against
+      TILE (8 per thread); used when that still leaves >= 4 programs per multiprocessor;
     * the others move bytes: TILE (2048 elements, 8 warps) reached 90-94% of copy bandwidth.
     Overrides for tuning: GENSCALE_NOISE_TILE, GENSCALE_NOISE_WARPS."""
     if not tile:
