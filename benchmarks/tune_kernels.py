@@ -31,8 +31,16 @@ GN_CONFIGS = {
     "split": {"GENSCALE_GN_PATH": "split"},
     "single-32k": {"GENSCALE_GN_PATH": "fused", "GENSCALE_GN_FUSED_MAX_FWD": "32768",
                    "GENSCALE_GN_FUSED_MAX_BWD": "32768"},
+    # channels_last with 4 channels per group: 4 groups per program read whole 32-byte sectors of
+    # each bf16 row (the default drops to 2 groups, 16 bytes, to give every SM a program)
+    "gb4": {"GENSCALE_GN_PATH": "fused", "GENSCALE_GN_GROUP_BLOCK": "4"},
+    "bwd-16k": {"GENSCALE_GN_FUSED_MAX_BWD": "16384"},
 }
-KNOBS = sorted({k for cfg in GN_CONFIGS.values() for k in cfg} | {"GENSCALE_NOISE_MATH"})
+# The noise kernels that draw: tile elements / warps (kernels/_noise_ops._make_layout).
+NOISE_TILES = {"tile2048": ("2048", "8"), "tile8192": ("8192", "8"), "tile4096w4": ("4096", "4"),
+               "tile16384": ("16384", "8")}
+KNOBS = sorted({k for cfg in GN_CONFIGS.values() for k in cfg}
+               | {"GENSCALE_NOISE_MATH", "GENSCALE_NOISE_TILE", "GENSCALE_NOISE_WARPS"})
 
 
 def _with_env(cfg: dict, fn):
@@ -160,12 +168,15 @@ def noise_rows(copy_gbs: float) -> list[dict]:
     }
     for name, (fn, bytes_per) in cases.items():
         row = {"op": name, "shape": "x".join(map(str, shape))}
-        for math_mode in ("fast", "precise"):
+        configs = {"fast": {"GENSCALE_NOISE_MATH": "fast"}, "precise": {"GENSCALE_NOISE_MATH": "precise"}}
+        configs.update({name: {"GENSCALE_NOISE_TILE": tile, "GENSCALE_NOISE_WARPS": warps}
+                        for name, (tile, warps) in NOISE_TILES.items()})
+        for config, env in configs.items():
             try:
-                row[math_mode] = _with_env({"GENSCALE_NOISE_MATH": math_mode}, lambda: _bench(fn))
+                row[config] = _with_env(env, lambda: _bench(fn))
             except Exception as exc:
-                row[math_mode] = f"error: {str(exc).splitlines()[0][:80]}"
-        best = min(v for k, v in row.items() if k in ("fast", "precise") and isinstance(v, float))
+                row[config] = f"error: {str(exc).splitlines()[0][:80]}"
+        best = min(v for k, v in row.items() if k in configs and isinstance(v, float))
         row["best_pct_copy"] = 100 * bytes_per * x.numel() / best / 1e3 / copy_gbs
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -195,8 +206,9 @@ def main() -> None:
         if r["op"] == "host":
             print(f"| host: {r['shape']} | {r['us_per_call']:.1f} us per call |")
             continue
-        keys = ("fast", "precise") if "fast" in r else tuple(GN_CONFIGS)
-        cells = [f"{r[k]:.1f}" if isinstance(r[k], float) else r[k][:20] for k in keys]
+        keys = ("fast", "precise", *NOISE_TILES) if "fast" in r else tuple(GN_CONFIGS)
+        named = "fast" in r  # the noise rows have their own columns: name each cell
+        cells = [(f"{k} " if named else "") + (f"{r[k]:.1f}" if isinstance(r[k], float) else r[k][:20]) for k in keys]
         label = " ".join(str(r.get(k, "")) for k in ("op", "shape", "layout", "mode")).strip()
         print(f"| {label} | " + " | ".join(cells) + f" | {r.get('best', '')} | {r['best_pct_copy']:.0f}% |")
 

@@ -66,7 +66,7 @@ def make_plan(x: torch.Tensor, num_groups: int, x_strides: tuple[int, int, int],
     """Fused (single pass or looped) when N x G / GB programs fill the GPU, else split.
 
     Environment overrides, for tests and tuning: GENSCALE_GN_PATH=fused|looped|split, and
-    GENSCALE_GN_BLOCK_S / _BLOCK_C / _SPLIT / _FUSED_MAX_FWD / _FUSED_MAX_BWD.
+    GENSCALE_GN_BLOCK_S / _BLOCK_C / _SPLIT / _FUSED_MAX_FWD / _FUSED_MAX_BWD / _GROUP_BLOCK.
     """
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // max(1, n * c)
@@ -82,6 +82,7 @@ def make_plan(x: torch.Tensor, num_groups: int, x_strides: tuple[int, int, int],
             group_block *= 2
         while group_block > 1 and n * _cdiv(num_groups, group_block) < sms:
             group_block //= 2
+    group_block = env_int("GENSCALE_GN_GROUP_BLOCK", group_block)  # a power of two (tuning)
     block_cg = _pow2(cg)
     if backward:
         limit = env_int("GENSCALE_GN_FUSED_MAX_BWD", FUSED_MAX_BWD)
@@ -131,7 +132,7 @@ def _finalize_blocks(cg: int, split: int) -> tuple[int, int]:
 # kernels (benchmarks/results/2026-11-22-h100), and planning cost as much host time as a launch.
 
 _TUNING_VARS = ("GENSCALE_GN_PATH", "GENSCALE_GN_BLOCK_S", "GENSCALE_GN_BLOCK_C", "GENSCALE_GN_SPLIT",
-                "GENSCALE_GN_FUSED_MAX_FWD", "GENSCALE_GN_FUSED_MAX_BWD")
+                "GENSCALE_GN_FUSED_MAX_FWD", "GENSCALE_GN_FUSED_MAX_BWD", "GENSCALE_GN_GROUP_BLOCK")
 _SPECS: dict = {}
 _MAX_SPECS = 1024  # a long run meets a handful of shapes; a sweep over many just starts afresh
 

@@ -254,3 +254,23 @@ def test_launch_plans_follow_the_tuning_environment(device, monkeypatch):
         assert launched == kernels_run, path
         for out, ref in zip(got, expected):
             assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("group_block", ["2", "4"])
+def test_forced_group_block_with_a_partial_last_block(device, monkeypatch, group_block):
+    """GENSCALE_GN_GROUP_BLOCK (tuning) packs several groups per program; with 6 groups and 4 per
+    program the second program holds 2 real groups and 2 masked ones."""
+    from kernels import _group_norm_ops
+
+    monkeypatch.setenv("GENSCALE_GN_PATH", "fused")
+    monkeypatch.setenv("GENSCALE_GN_GROUP_BLOCK", group_block)
+    launched = []
+    real_call = _group_norm_ops._Launch.__call__
+    monkeypatch.setattr(_group_norm_ops._Launch, "__call__",
+                        lambda self, k, *t, **kw: launched.append(self.meta["GB"]) or real_call(self, k, *t, **kw))
+    x = make_x(2, 12, (3, 5), True, device)
+    dy = make_x(2, 12, (3, 5), True, device, shift=0.0, scale=1.0)
+    w, b = torch.randn(12, device=device), torch.randn(12, device=device)
+    for out, ref in zip(run(x, w, b, 6, dy), reference(x, w, b, 6, dy)):
+        assert rel_err(out, ref) <= 1e-5
+    assert launched == [int(group_block)] * 2  # forward and backward
