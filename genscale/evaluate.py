@@ -157,9 +157,10 @@ def evaluate(args: argparse.Namespace, acc) -> dict:
         shape, num = images.shape[1:], min(args.num, len(images)) if args.num else len(images)
         images, labels = images[:num], None if labels is None else labels[:num]
     train = record.get("train", {})
+    reference_flag = "--reference" if args.reference else "the run's --data" if train.get("data") else "--dataset"
     setup = EvalSetup(metric=args.metric, features=args.features,
                       reference=args.reference or train.get("data") or args.dataset or "digits",
-                      reference_flag=("--reference" if args.reference else "the run's --data" if train.get("data") else "--dataset"),
+                      reference_flag=reference_flag,
                       split=args.reference_split, image_size=shape[0], channels=shape[2],
                       judge_dataset=args.dataset, seed=args.seed, chunk_size=args.chunk_size,
                       cache_dir=train.get("cache_dir") or None, use_cache=not args.recompute_reference)

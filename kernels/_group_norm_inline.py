@@ -23,7 +23,8 @@ from kernels._group_norm_ops import _input_grads, _setup_context, backward, forw
 
 @triton_op("genscale_kernels::group_norm_silu_fwd_inline", mutates_args=())
 def group_norm_silu_fwd_inline(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                               num_groups: int, eps: float, act: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                               num_groups: int, eps: float,
+                               act: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return forward(x, weight, bias, num_groups, eps, act, wrap=wrap_triton)
 
 

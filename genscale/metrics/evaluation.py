@@ -157,7 +157,8 @@ class Evaluator:
         from genscale.data import resolve_data
 
         s = self.setup
-        self._main_first(lambda: resolve_data(s.reference, split, s.cache_dir, s.reference_flag))  # writes embedded shards once
+        # writes the embedded shards once
+        self._main_first(lambda: resolve_data(s.reference, split, s.cache_dir, s.reference_flag))
         return split_features(s.reference, split, self.extractor, s.image_size, s.channels, self.acc,
                               s.cache_dir, s.use_cache)
 

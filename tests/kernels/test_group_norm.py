@@ -231,15 +231,21 @@ def test_cpu_fallback_is_the_eager_reference(monkeypatch):
     assert rel_err(yb, F.silu(F.group_norm(x.bfloat16().double(), 3, w.double(), b.double()))) <= 1e-2
 
 
-def test_launch_plans_follow_the_tuning_environment(device, monkeypatch):
-    """Launch specs are cached per shape; a changed override must still change what is launched
-    (the tests above force each strategy through the environment on the same shapes)."""
+def spy_launches(monkeypatch, what) -> list:
+    """A list that receives what(launch) for every kernel launch the GroupNorm wrappers make."""
     from kernels import _group_norm_ops
 
     launched = []
     real_call = _group_norm_ops._Launch.__call__
     monkeypatch.setattr(_group_norm_ops._Launch, "__call__",
-                        lambda self, k, *t, **kw: launched.append(self.kernel) or real_call(self, k, *t, **kw))
+                        lambda self, k, *t, **kw: launched.append(what(self)) or real_call(self, k, *t, **kw))
+    return launched
+
+
+def test_launch_plans_follow_the_tuning_environment(device, monkeypatch):
+    """Launch specs are cached per shape; a changed override must still change what is launched
+    (the tests above force each strategy through the environment on the same shapes)."""
+    launched = spy_launches(monkeypatch, lambda launch: launch.kernel)
     x = make_x(2, 6, (5, 7), False, device)
     dy = make_x(2, 6, (5, 7), False, device, shift=0.0, scale=1.0)
     w, b = torch.randn(6, device=device), torch.randn(6, device=device)
@@ -260,14 +266,9 @@ def test_launch_plans_follow_the_tuning_environment(device, monkeypatch):
 def test_forced_group_block_with_a_partial_last_block(device, monkeypatch, group_block):
     """GENSCALE_GN_GROUP_BLOCK (tuning) packs several groups per program; with 6 groups and 4 per
     program the second program holds 2 real groups and 2 masked ones."""
-    from kernels import _group_norm_ops
-
     monkeypatch.setenv("GENSCALE_GN_PATH", "fused")
     monkeypatch.setenv("GENSCALE_GN_GROUP_BLOCK", group_block)
-    launched = []
-    real_call = _group_norm_ops._Launch.__call__
-    monkeypatch.setattr(_group_norm_ops._Launch, "__call__",
-                        lambda self, k, *t, **kw: launched.append(self.meta["GB"]) or real_call(self, k, *t, **kw))
+    launched = spy_launches(monkeypatch, lambda launch: launch.meta["GB"])
     x = make_x(2, 12, (3, 5), True, device)
     dy = make_x(2, 12, (3, 5), True, device, shift=0.0, scale=1.0)
     w, b = torch.randn(12, device=device), torch.randn(12, device=device)
