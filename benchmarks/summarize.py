@@ -146,7 +146,7 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines + _host_table(rows))
 
 
-HOST_VARIANTS = ("wrapper", "triton", "eager", "autograd floor")
+HOST_VARIANTS = ("wrapper", "triton", "triton jit", "eager", "autograd floor")
 
 
 def _host_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -156,7 +156,8 @@ def _host_table(rows: list[dict[str, Any]]) -> list[str]:
         return []
     present = [v for v in HOST_VARIANTS if any(v in c for c in cases.values())]
     lines = ["### host", "", "Host time per call, tiny tensors, no synchronisation (wrapper: Triton launches "
-             "stubbed out; triton: real launches)", "",
+             "stubbed out; triton: real launches, GroupNorm launched directly after the first call; triton jit: every "
+             "launch through the jit function)", "",
              "| " + " | ".join(["case"] + present) + " |", "|" + "---|" * (len(present) + 1)]
     for case, v in cases.items():
         lines.append("| " + " | ".join([case] + [f"{v[p]['time_s'] * 1e6:.1f} us" if p in v else "-"

@@ -6,7 +6,10 @@ negligible), no synchronisation inside the timed loop. Variants:
 
 * ``wrapper``: the public call with every Triton launch replaced by a no-op: planning, checks,
   allocations and autograd only. Runs on the CPU too (tensors on the CPU, the Triton path forced).
-* ``triton``: the real launches (GPU only): wrapper plus Triton's launcher.
+* ``triton``: the real launches (GPU only): wrapper plus Triton's launcher, GroupNorm's kernels
+  launched directly after the first call (kernels/_launch.py);
+* ``triton jit``: the same with every launch through the jit function (GENSCALE_TRITON_LAUNCH=jit),
+  which is what the direct launches save.
 * ``eager``: the same computation in plain PyTorch ops, as eager code would write it.
 * ``autograd floor``: an autograd.Function that only allocates its outputs: the least any
   Python-level op with a backward costs.
@@ -88,8 +91,10 @@ def _cases(device: torch.device) -> dict:
         F.mse_loss(pred, torch.randn_like(pred)).backward()
 
     return {
-        f"gn fwd {N}x{C}x{HW}x{HW} cl": {"wrapper": gn_fwd, "triton": gn_fwd, "eager": eager_gn_fwd},
-        f"gn fwd+bwd {N}x{C}x{HW}x{HW} cl": {"wrapper": gn_fwdbwd, "triton": gn_fwdbwd, "eager": eager_gn_fwdbwd,
+        f"gn fwd {N}x{C}x{HW}x{HW} cl": {"wrapper": gn_fwd, "triton": gn_fwd, "triton jit": gn_fwd,
+                                         "eager": eager_gn_fwd},
+        f"gn fwd+bwd {N}x{C}x{HW}x{HW} cl": {"wrapper": gn_fwdbwd, "triton": gn_fwdbwd, "triton jit": gn_fwdbwd,
+                                             "eager": eager_gn_fwdbwd,
                                              "autograd floor": lambda: _Floor.apply(x, w, b).backward(dy)},
         f"q_sample {N}x3x32x32": {"wrapper": q_sample, "triton": q_sample, "eager": eager_q_sample},
         f"eps_loss fwd+bwd {N}x3x32x32": {"wrapper": loss, "triton": loss, "eager": eager_loss},
@@ -97,7 +102,7 @@ def _cases(device: torch.device) -> dict:
 
 
 CASE_NAMES = list(_cases(torch.device("cpu")))
-VARIANTS = ["wrapper", "triton", "eager", "autograd floor"]
+VARIANTS = ["wrapper", "triton", "triton jit", "eager", "autograd floor"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -106,9 +111,11 @@ def test_host_cost(benchmark, device, record, monkeypatch, case, variant):
     fns = _cases(device)[case]
     if variant not in fns:
         pytest.skip(f"no {variant} variant for {case}")
-    if variant == "triton" and device.type != "cuda":
+    if variant.startswith("triton") and device.type != "cuda":
         pytest.skip("real Triton launches need a CUDA GPU (the wrapper variant stubs them)")
-    if variant in ("wrapper", "triton"):
+    if variant == "triton jit":
+        monkeypatch.setenv("GENSCALE_TRITON_LAUNCH", "jit")
+    if variant in ("wrapper", "triton", "triton jit"):
         monkeypatch.setenv("GENSCALE_KERNELS", "triton")
         if device.type != "cuda":
             monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the forced Triton path accept CPU tensors

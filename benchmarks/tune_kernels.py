@@ -35,6 +35,11 @@ GN_CONFIGS = {
     # each bf16 row (the default drops to 2 groups, 16 bytes, to give every SM a program)
     "gb4": {"GENSCALE_GN_PATH": "fused", "GENSCALE_GN_GROUP_BLOCK": "4"},
     "bwd-16k": {"GENSCALE_GN_FUSED_MAX_BWD": "16384"},
+    # the looped plan keeps one tile of loads in flight per program: bigger tiles, more bytes in
+    # flight per multiprocessor (kernels/_group_norm_ops.LOOP_TILE)
+    "loop-8k": {"GENSCALE_GN_LOOP_TILE": "8192"},
+    "loop-16k": {"GENSCALE_GN_LOOP_TILE": "16384"},
+    "gb4-loop16k": {"GENSCALE_GN_PATH": "fused", "GENSCALE_GN_GROUP_BLOCK": "4", "GENSCALE_GN_LOOP_TILE": "16384"},
 }
 # The noise kernels that draw: tile elements / warps (kernels/_noise_ops._make_layout).
 NOISE_TILES = {"tile2048": ("2048", "8"), "tile8192": ("8192", "8"), "tile4096w4": ("4096", "4"),

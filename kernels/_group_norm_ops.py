@@ -7,18 +7,23 @@ This module also plans each launch (which strategy, block shapes, how far to spl
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from kernels._dispatch import compiling, env_int, sm_count
+from kernels._launch import direct_launch, launch
 
 # Largest register tile (elements) one fused program holds: x alone forward, x and dy backward.
 FUSED_MAX_FWD = 16384
 FUSED_MAX_BWD = 8192
 SPLIT_TILE = 4096  # elements per tile in the split path's loop
-LOOP_TILE = 4096  # elements per tile in the looped fused path
+# Elements per tile in the looped fused path. Each tile is one round of loads in flight; with one
+# or two programs per multiprocessor (large groups, few programs) 4096 bf16 elements are 8-16 KB
+# in flight per SM, under the ~23 KB that 3 TB/s x ~1 us of latency asks for: the suspect of
+# the looped plan's 26% of copy bandwidth. GENSCALE_GN_LOOP_TILE tries larger ones (tune_kernels).
+LOOP_TILE = 4096
 
 
 def _pow2(n: int) -> int:
@@ -66,7 +71,8 @@ def make_plan(x: torch.Tensor, num_groups: int, x_strides: tuple[int, int, int],
     """Fused (single pass or looped) when N x G / GB programs fill the GPU, else split.
 
     Environment overrides, for tests and tuning: GENSCALE_GN_PATH=fused|looped|split, and
-    GENSCALE_GN_BLOCK_S / _BLOCK_C / _SPLIT / _FUSED_MAX_FWD / _FUSED_MAX_BWD / _GROUP_BLOCK.
+    GENSCALE_GN_BLOCK_S / _BLOCK_C / _SPLIT / _FUSED_MAX_FWD / _FUSED_MAX_BWD / _GROUP_BLOCK /
+    _LOOP_TILE.
     """
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // max(1, n * c)
@@ -91,7 +97,8 @@ def make_plan(x: torch.Tensor, num_groups: int, x_strides: tuple[int, int, int],
     enough = n * _cdiv(num_groups, group_block) >= sms
     if forced in ("fused", "looped") or (not forced and enough):
         single = group_block * block_cg * _pow2(s) <= limit and forced != "looped"
-        block_s = _pow2(s) if single else max(1, min(_pow2(s), LOOP_TILE // (group_block * block_cg)))
+        loop_tile = env_int("GENSCALE_GN_LOOP_TILE", LOOP_TILE)
+        block_s = _pow2(s) if single else max(1, min(_pow2(s), loop_tile // (group_block * block_cg)))
         block_s = block_s if single else env_int("GENSCALE_GN_BLOCK_S", block_s)
         elems = group_block * block_cg * block_s
         warps = min(16, max(4, elems // 512))
@@ -132,7 +139,8 @@ def _finalize_blocks(cg: int, split: int) -> tuple[int, int]:
 # kernels (benchmarks/results/2026-11-22-h100), and planning cost as much host time as a launch.
 
 _TUNING_VARS = ("GENSCALE_GN_PATH", "GENSCALE_GN_BLOCK_S", "GENSCALE_GN_BLOCK_C", "GENSCALE_GN_SPLIT",
-                "GENSCALE_GN_FUSED_MAX_FWD", "GENSCALE_GN_FUSED_MAX_BWD", "GENSCALE_GN_GROUP_BLOCK")
+                "GENSCALE_GN_FUSED_MAX_FWD", "GENSCALE_GN_FUSED_MAX_BWD", "GENSCALE_GN_GROUP_BLOCK",
+                "GENSCALE_GN_LOOP_TILE", "GENSCALE_TRITON_LAUNCH")
 _SPECS: dict = {}
 _MAX_SPECS = 1024  # a long run meets a handful of shapes; a sweep over many just starts afresh
 
@@ -143,10 +151,15 @@ class _Launch:
     grid: tuple
     scalars: tuple  # the arguments after the tensors
     meta: dict
+    # compiled kernels kept for direct launches (kernels._launch), by tensor signature; None: always jit
+    kept: dict | None = field(default_factory=lambda: {} if direct_launch() else None, compare=False, repr=False)
 
     def __call__(self, k, *tensors: torch.Tensor, wrap=None) -> None:
         kernel = getattr(k, self.kernel)
-        (wrap(kernel) if wrap else kernel)[self.grid](*tensors, *self.scalars, **self.meta)
+        if wrap is not None:  # inside a triton op: Inductor launches the kernel itself
+            wrap(kernel)[self.grid](*tensors, *self.scalars, **self.meta)
+        else:
+            launch(kernel, self.grid, tensors, self.scalars, self.meta, self.kept)
 
 
 @dataclass(frozen=True)

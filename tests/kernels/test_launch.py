@@ -1,0 +1,145 @@
+"""Direct launches (kernels/_launch.py): after a launch through the jit function, the compiled
+kernel it returned is launched with the same arguments in the jit's order, and only for tensors
+Triton would have specialised the same way.
+
+The CPU part drives the logic with a stand-in jit function and compiled kernel (the interpreter
+compiles nothing); the gpu-marked test launches the real GroupNorm kernels both ways.
+"""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import _launch
+
+triton_compiler = pytest.importorskip("triton.compiler")
+
+
+class _Param:
+    def __init__(self, name: str, default=inspect.Parameter.empty) -> None:
+        self.name, self.default = name, default
+        self.has_default = default is not inspect.Parameter.empty
+
+
+class _Compiled(triton_compiler.CompiledKernel):
+    """A CompiledKernel whose launches are recorded (built without Triton's constructor)."""
+
+    def __getitem__(self, grid):
+        return lambda *args: self.calls.append(("direct", grid, args))
+
+    def __del__(self) -> None:  # nothing was loaded on a device
+        pass
+
+
+class _Jit:
+    """Stands in for a jit function with parameters x_ptr, y_ptr, n, eps, BLOCK: constexpr,
+    ACT: constexpr = True."""
+
+    params = [_Param("x_ptr"), _Param("y_ptr"), _Param("n"), _Param("eps"), _Param("BLOCK"),
+              _Param("ACT", default=True)]
+
+    def __init__(self, returns_compiled: bool = True) -> None:
+        self.calls: list = []
+        self.compiled = _Compiled.__new__(_Compiled)
+        self.compiled.calls = self.calls
+        self.returns_compiled = returns_compiled
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.calls.append(("jit", grid, args, kwargs))
+            return self.compiled if self.returns_compiled else None
+        return run
+
+
+def _launch_twice(kernel, x, y, kept):
+    for _ in range(2):
+        _launch.launch(kernel, (4, 2), (x, y), (7, 1e-5), dict(BLOCK=64, num_warps=4), kept)
+
+
+def test_second_launch_goes_to_the_compiled_kernel_in_the_jit_argument_order():
+    kernel, kept = _Jit(), {}
+    x, y = torch.zeros(8), torch.zeros(8)
+    _launch_twice(kernel, x, y, kept)
+    assert kernel.calls[0] == ("jit", (4, 2), (x, y, 7, 1e-5), dict(BLOCK=64, num_warps=4))
+    # grid padded to three axes; constexprs by parameter order, the default for the one not given;
+    # num_warps is a launch option, not a parameter
+    assert kernel.calls[1] == ("direct", (4, 2, 1), (x, y, 7, 1e-5, 64, True))
+    assert len(kernel.calls) == 2
+
+
+def test_tensors_specialised_differently_go_through_the_jit_again():
+    kernel, kept = _Jit(), {}
+    base = torch.zeros(16)
+    x, y = base[:8], torch.zeros(8)
+    _launch_twice(kernel, x, y, kept)
+    misaligned = base[1:9]  # 4 bytes past a 16-byte boundary: Triton compiles another kernel
+    _launch_twice(kernel, misaligned, y, kept)
+    _launch_twice(kernel, x.double(), y, kept)  # another dtype: another kernel
+    assert [c[0] for c in kernel.calls] == ["jit", "direct"] * 3
+    assert len(kept) == 3
+
+
+def test_no_direct_launch_when_disabled_or_nothing_was_compiled():
+    x, y = torch.zeros(8), torch.zeros(8)
+    disabled = _Jit()
+    _launch_twice(disabled, x, y, None)
+    interpreted = _Jit(returns_compiled=False)  # the interpreter returns no compiled kernel
+    kept: dict = {}
+    _launch_twice(interpreted, x, y, kept)
+    assert [c[0] for c in disabled.calls + interpreted.calls] == ["jit"] * 4
+    assert kept == {}
+
+
+def test_a_parameter_with_no_value_keeps_the_jit():
+    kernel, kept = _Jit(), {}
+    x, y = torch.zeros(8), torch.zeros(8)
+    for _ in range(2):  # BLOCK missing: the jit would raise; a stand-in that does not must not be kept
+        _launch.launch(kernel, (1,), (x, y), (7, 1e-5), {}, kept)
+    assert [c[0] for c in kernel.calls] == ["jit", "jit"]
+
+
+def test_launch_mode_from_the_environment(monkeypatch):
+    monkeypatch.setenv("GENSCALE_TRITON_LAUNCH", "jit")
+    assert not _launch.direct_launch()
+    monkeypatch.setenv("GENSCALE_TRITON_LAUNCH", "direct")
+    assert _launch.direct_launch()
+    monkeypatch.setenv("GENSCALE_TRITON_LAUNCH", "fast")
+    with pytest.raises(ValueError, match="GENSCALE_TRITON_LAUNCH must be direct or jit"):
+        _launch.direct_launch()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_direct_and_jit_launches_agree_on_the_gpu(monkeypatch, channels_last):
+    """The real kernels: GroupNorm forward and backward launched directly equal, bit for bit,
+    the same launches through the jit function, and the direct path is taken."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    import kernels
+    from kernels import _group_norm_ops
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 64, 9, 7, device="cuda", dtype=torch.bfloat16).to(memory_format=fmt)
+    dy = torch.randn_like(x)
+    w, b = torch.randn(64, device="cuda"), torch.randn(64, device="cuda")
+    results = {}
+    for mode in ("jit", "direct"):
+        monkeypatch.setenv("GENSCALE_TRITON_LAUNCH", mode)
+        runs = []
+        for _ in range(3):  # the first launch compiles / is kept; the others are direct
+            xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
+            y = kernels.group_norm_silu(xr, wr, br, 16)
+            y.backward(dy)
+            runs.append((y, xr.grad, wr.grad, br.grad))
+        for later in runs[1:]:
+            assert all(torch.equal(a, c) for a, c in zip(runs[0], later))
+        results[mode] = runs[0]
+    assert all(torch.equal(a, c) for a, c in zip(results["jit"], results["direct"]))
+    direct_specs = [s for s in _group_norm_ops._SPECS.values()
+                    if any(launch.kept for launch in s.launches)]
+    assert direct_specs, "no launch was kept for direct launching"
+    ref = F.silu(F.group_norm(x.float(), 16, w, b))
+    assert (results["direct"][0].float() - ref).abs().max() < 0.05
