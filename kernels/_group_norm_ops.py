@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from kernels._dispatch import compiling, env_int, sm_count
+from kernels._dispatch import compiling, env_int, env_values, sm_count
 from kernels._launch import direct_launch, launch
 
 # Largest register tile (elements) one fused program holds: x alone forward, x and dy backward.
@@ -184,8 +184,7 @@ def _cached(key: tuple, build) -> _Spec:
 
 
 def _tuning() -> tuple:
-    get = os.environ.get
-    return tuple(get(name, "") for name in _TUNING_VARS)
+    return env_values(_TUNING_VARS)
 
 
 def _forward_spec(x: torch.Tensor, num_groups: int, eps: float, flags: dict) -> _Spec:

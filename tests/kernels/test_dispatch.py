@@ -124,3 +124,20 @@ def test_kernels_run_when_triton_was_imported_before_the_interpreter_flag():
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_env_values_follow_os_environ(monkeypatch):
+    """The cheap environment read behind the per-call keys sees what os.environ sees: unset, set,
+    changed, deleted and non-ASCII values."""
+    from kernels._dispatch import env_values
+
+    names = ("GENSCALE_TEST_A", "GENSCALE_TEST_B")
+    monkeypatch.delenv("GENSCALE_TEST_A", raising=False)
+    monkeypatch.delenv("GENSCALE_TEST_B", raising=False)
+    assert env_values(names) == (None, None)
+    monkeypatch.setenv("GENSCALE_TEST_A", "looped")
+    monkeypatch.setenv("GENSCALE_TEST_B", "größe")
+    assert env_values(names) == ("looped", "größe") == tuple(os.environ.get(n) for n in names)
+    monkeypatch.setenv("GENSCALE_TEST_A", "split")
+    monkeypatch.delenv("GENSCALE_TEST_B")
+    assert env_values(names) == ("split", None)
