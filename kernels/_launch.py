@@ -80,4 +80,3 @@ def launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, meta: dict, kept
     if rest is not None:
         full_grid = tuple(grid) + (1,) * (3 - len(grid))
         kept[signature] = (compiled[full_grid], tuple(scalars) + rest)
-
