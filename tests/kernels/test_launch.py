@@ -8,6 +8,10 @@ compiles nothing); the gpu-marked test launches the real GroupNorm kernels both 
 from __future__ import annotations
 
 import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,6 +113,92 @@ def test_launch_mode_from_the_environment(monkeypatch):
     monkeypatch.setenv("GENSCALE_TRITON_LAUNCH", "fast")
     with pytest.raises(ValueError, match="GENSCALE_TRITON_LAUNCH must be direct or jit"):
         _launch.direct_launch()
+
+
+# Runs in a fresh process: the kernels must be jit functions (decorated before TRITON_INTERPRET is
+# set), whose arguments Triton's own binder (built for an sm_90 target; no GPU needed) binds.
+_AGAINST_TRITONS_BINDER = r"""
+import os, torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import CompiledKernel, make_backend
+from triton.runtime.jit import create_function_from_signature
+from kernels import _group_norm_triton as k
+
+backend = make_backend(GPUTarget("cuda", 90, 32))
+records = []
+
+class Compiled(CompiledKernel):
+    def __getitem__(self, grid):
+        return lambda *args: records.append(("direct", self.name, grid, args))
+    def __del__(self):
+        pass
+
+class Recording:
+    def __init__(self, name, jit):
+        self.name, self.jit, self.params = name, jit, jit.params
+        self.binder = create_function_from_signature(jit.signature, jit.params, backend)
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            bound, _, _ = self.binder(*args, **kwargs)
+            records.append(("jit", self.name, tuple(grid) + (1,) * (3 - len(grid)), tuple(bound.values())))
+            compiled = Compiled.__new__(Compiled)
+            compiled.name = self.name
+            return compiled
+        return run
+
+names = [n for n, v in vars(k).items() if type(v).__name__ == "JITFunction"]
+for name in names:
+    setattr(k, name, Recording(name, getattr(k, name)))
+os.environ["TRITON_INTERPRET"] = "1"  # lets the forced Triton path take CPU tensors
+os.environ["GENSCALE_KERNELS"] = "triton"
+import kernels
+
+def same(a, b):
+    return len(a) == len(b) and all(x is y or (not torch.is_tensor(x) and x == y) for x, y in zip(a, b))
+
+checked = set()
+for path in ("fused", "looped", "split"):
+    os.environ["GENSCALE_GN_PATH"] = path
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        for affine in (True, False):
+            x = torch.randn(2, 12, 5, 7).to(memory_format=fmt).requires_grad_()
+            w = torch.randn(12, requires_grad=True) if affine else None
+            b = torch.randn(12, dtype=torch.float64, requires_grad=True) if affine else None
+            rounds = []
+            for _ in range(2):
+                records.clear()
+                kernels.group_norm_silu(x, w, b, 3).backward(torch.randn_like(x))
+                rounds.append(list(records))
+            first, second = rounds
+            assert [r[0] for r in first] == ["jit"] * len(first), first
+            assert [r[0] for r in second] == ["direct"] * len(second), second
+            for (_, name, grid, bound), (_, name2, grid2, args) in zip(first, second):
+                assert (name, grid) == (name2, grid2)
+                # same tensors are not reused across calls: compare everything but the tensors
+                assert len(bound) == len(args), name
+                for u, v in zip(bound, args):
+                    assert torch.is_tensor(u) == torch.is_tensor(v), name
+                    if torch.is_tensor(u):
+                        assert (u.dtype, u.shape) == (v.dtype, v.shape), name
+                    else:
+                        assert u == v and type(u) is type(v), (name, u, v)
+                checked.add(name)
+print(sorted(checked))
+"""
+
+
+def test_direct_arguments_equal_what_tritons_binder_binds():
+    """Every GroupNorm kernel, every strategy: the arguments of a direct launch are those Triton's
+    jit binder produced for the first launch, in order, constexprs and defaults included."""
+    root = Path(__file__).resolve().parents[2]
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _AGAINST_TRITONS_BINDER], capture_output=True, text=True,
+                         timeout=300, cwd=root, env={**env, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    checked = out.stdout.strip().splitlines()[-1]
+    for name in ("gn_fwd_fused", "gn_bwd_fused", "gn_stats_partial", "gn_stats_finalize", "gn_apply",
+                 "gn_bwd_partial", "gn_bwd_finalize", "gn_bwd_apply"):
+        assert name in checked
 
 
 @pytest.mark.gpu
