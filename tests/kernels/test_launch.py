@@ -183,6 +183,21 @@ for path in ("fused", "looped", "split"):
                     else:
                         assert u == v and type(u) is type(v), (name, u, v)
                 checked.add(name)
+# what a direct launch is keyed on separates every tensor specialisation Triton makes
+from kernels._launch import _signature
+jit = k.gn_fwd_fused.jit
+base = torch.zeros(4096, dtype=torch.float32)
+variants = [base[:64], base[1:65], base[4:68], base[:64].to(torch.bfloat16), base[:64].half(),
+            torch.zeros(80, dtype=torch.bfloat16)[3:67], torch.zeros(80, dtype=torch.bfloat16)[8:72]]
+rest = (torch.zeros(64),) * 5 + (4, 2, 16, 1 / 32, 1e-5, 128, 16, 1, 128, 16, 1)
+meta = dict(HAS_W=True, HAS_B=True, ACT=True, GB=1, BLOCK_CG=2, BLOCK_S=16, SINGLE=True)
+binder = create_function_from_signature(jit.signature, jit.params, backend)
+specs = [str(binder(v, *rest, **meta)[1][0]) for v in variants]
+assert len(set(specs)) >= 4, specs  # aligned / not, three dtypes
+for i, a in enumerate(variants):
+    for j, b in enumerate(variants):
+        if specs[i] != specs[j]:
+            assert _signature((a,)) != _signature((b,)), (specs[i], specs[j])
 print(sorted(checked))
 """
 
