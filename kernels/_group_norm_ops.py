@@ -343,8 +343,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _input_grads(dx, dbdw, weight, bias):
-    dw = dbdw[1].to(weight.dtype) if weight is not None else None
-    db = dbdw[0].to(bias.dtype) if bias is not None else None
+    db, dw = dbdw.unbind(0)  # one op for both rows: every op is host time on the GPU
+    dw = None if weight is None else dw if dw.dtype == weight.dtype else dw.to(weight.dtype)
+    db = None if bias is None else db if db.dtype == bias.dtype else db.to(bias.dtype)
     return dx, dw, db, None, None, None
 
 
