@@ -105,6 +105,22 @@ def test_a_parameter_with_no_value_keeps_the_jit():
     assert [c[0] for c in kernel.calls] == ["jit", "jit"]
 
 
+def test_a_kernel_swapped_out_is_called_and_one_without_parameters_is_not_kept():
+    """A stub put in a kept kernel's place (the host benchmark's stubbed variant) is what runs; a
+    wrapper without ``params`` (Triton's autotuner) cannot be bound here, so it stays on the jit."""
+    kernel, kept = _Jit(), {}
+    x, y = torch.zeros(8), torch.zeros(8)
+    _launch_twice(kernel, x, y, kept)
+    stub = _Jit(returns_compiled=False)
+    _launch_twice(stub, x, y, kept)
+    assert [c[0] for c in kernel.calls] == ["jit", "direct"]
+    assert [c[0] for c in stub.calls] == ["jit", "jit"]
+    wrapped, kept = _Jit(), {}
+    wrapped.params = None
+    _launch_twice(wrapped, x, y, kept)
+    assert [c[0] for c in wrapped.calls] == ["jit", "jit"] and kept == {}
+
+
 def test_launch_mode_from_the_environment(monkeypatch):
     monkeypatch.setenv("GENSCALE_TRITON_LAUNCH", "jit")
     assert not _launch.direct_launch()
@@ -216,35 +232,57 @@ def test_direct_arguments_equal_what_tritons_binder_binds():
         assert name in checked
 
 
+class _CountingJit:
+    """Delegates to a real jit function and counts the launches that went through it."""
+
+    def __init__(self, jit) -> None:
+        self.jit, self.params, self.count = jit, jit.params, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.jit[grid]
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", ["fused", "split"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_direct_and_jit_launches_agree_on_the_gpu(monkeypatch, channels_last):
+def test_direct_and_jit_launches_agree_on_the_gpu(monkeypatch, channels_last, path):
     """The real kernels: GroupNorm forward and backward launched directly equal, bit for bit,
-    the same launches through the jit function, and the direct path is taken."""
+    the same launches through the jit function, and after the first call nothing goes through
+    the jit function."""
     if not torch.cuda.is_available():
         pytest.skip("CUDA is not available")
     import kernels
-    from kernels import _group_norm_ops
+    from kernels import _group_norm_ops, _group_norm_triton
 
+    monkeypatch.setattr(_group_norm_ops, "_SPECS", {})
+    counters = {}
+    for name, obj in vars(_group_norm_triton).copy().items():
+        if type(obj).__name__ == "JITFunction":
+            counters[name] = _CountingJit(obj)
+            monkeypatch.setattr(_group_norm_triton, name, counters[name])
+    monkeypatch.setenv("GENSCALE_GN_PATH", path)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(2, 64, 9, 7, device="cuda", dtype=torch.bfloat16).to(memory_format=fmt)
+    x = torch.randn(16, 64, 9, 7, device="cuda", dtype=torch.bfloat16).to(memory_format=fmt)
     dy = torch.randn_like(x)
     w, b = torch.randn(64, device="cuda"), torch.randn(64, device="cuda")
-    results = {}
+    results, jit_launches = {}, {}
     for mode in ("jit", "direct"):
         monkeypatch.setenv("GENSCALE_TRITON_LAUNCH", mode)
-        runs = []
-        for _ in range(3):  # the first launch compiles / is kept; the others are direct
+        runs, counts = [], []
+        for _ in range(3):  # the first launch compiles / is kept; the later ones are direct
+            before = sum(c.count for c in counters.values())
             xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
             y = kernels.group_norm_silu(xr, wr, br, 16)
             y.backward(dy)
-            runs.append((y, xr.grad, wr.grad, br.grad))
-        for later in runs[1:]:
-            assert all(torch.equal(a, c) for a, c in zip(runs[0], later))
-        results[mode] = runs[0]
-    assert all(torch.equal(a, c) for a, c in zip(results["jit"], results["direct"]))
-    direct_specs = [s for s in _group_norm_ops._SPECS.values()
-                    if any(launch.kept for launch in s.launches)]
-    assert direct_specs, "no launch was kept for direct launching"
+            torch.cuda.synchronize()
+            runs.append((y.detach(), xr.grad, wr.grad, br.grad))
+            counts.append(sum(c.count for c in counters.values()) - before)
+        results[mode], jit_launches[mode] = runs, counts
+    launches = jit_launches["jit"][0]
+    assert launches == (2 if path == "fused" else 6) and jit_launches["jit"] == [launches] * 3
+    assert jit_launches["direct"] == [launches, 0, 0]
+    for jit_run, direct_run in zip(results["jit"], results["direct"]):
+        assert all(torch.equal(a, c) for a, c in zip(jit_run, direct_run))
     ref = F.silu(F.group_norm(x.float(), 16, w, b))
-    assert (results["direct"][0].float() - ref).abs().max() < 0.05
+    assert (results["direct"][2][0].float() - ref).abs().max() < 0.05
