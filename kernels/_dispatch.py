@@ -68,15 +68,26 @@ def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def compile_inline() -> bool:
-    """Under torch.compile, GroupNorm as a triton op Inductor launches itself (kernels._group_norm_inline)
-    instead of an opaque custom op: ``GENSCALE_COMPILE_KERNELS=inline`` (default ``opaque``). Needs
-    compiled CUDA kernels (and a torch with torch.library.triton_op); under the interpreter the
-    custom op is kept."""
-    mode = os.environ.get("GENSCALE_COMPILE_KERNELS", "opaque").strip().lower() or "opaque"
-    if mode not in ("opaque", "inline"):
-        raise ValueError(f"GENSCALE_COMPILE_KERNELS must be opaque or inline; got {mode!r}")
-    return mode == "inline" and not interpreter_active()
+_COMPILE_MODES = ("reference", "opaque", "inline")
+
+
+def compile_mode() -> str:
+    """What GroupNorm becomes while torch.compile traces (``GENSCALE_COMPILE_KERNELS``):
+
+    * ``reference`` (default): the eager reference, which Inductor fuses itself. On the H100 the
+      U-Net training step compiled this way took 48.7 ms, against 82.8 ms with the Triton kernels
+      as opaque custom ops (each call goes back through Python; benchmarks/results/2026-11-22-h100).
+    * ``opaque``: the Triton kernels as torch.library custom ops (no graph breaks; tested).
+    * ``inline``: GroupNorm as a torch.library triton op, whose kernels Inductor launches from its
+      own code (kernels/_group_norm_inline.py); needs compiled CUDA kernels and a torch with
+      torch.library.triton_op, so under the interpreter it falls back to ``opaque``. Not yet timed.
+    """
+    mode = os.environ.get("GENSCALE_COMPILE_KERNELS", "reference").strip().lower() or "reference"
+    if mode not in _COMPILE_MODES:
+        raise ValueError(f"GENSCALE_COMPILE_KERNELS must be reference, opaque or inline; got {mode!r}")
+    if mode == "inline" and interpreter_active():
+        return "opaque"
+    return mode
 
 
 def sm_count(device: torch.device) -> int:
@@ -102,10 +113,11 @@ def env_values(names: tuple[str, ...]) -> tuple:
     ``os.environ.get`` costs ~0.7 us per unset name (it encodes the name and goes through a
     KeyError), and a GroupNorm call keys its launch plan on 9 tuning variables. On POSIX the
     bytes mapping behind ``os.environ`` (which its setters and deleters keep current) is read
-    directly instead: ~0.1 us per name; elsewhere ``os.environ.get``.
+    directly instead: ~0.1 us per name; elsewhere, and while torch.compile traces (Dynamo knows
+    ``os.environ``, not its internals), ``os.environ.get``.
     """
-    data = getattr(os.environ, "_data", None)
-    if os.name == "posix" and isinstance(data, dict):
+    data = getattr(os.environ, "_data", None) if os.name == "posix" and not torch.compiler.is_compiling() else None
+    if isinstance(data, dict):
         get = data.get
         raw = [get(key) for key in _encoded(names)]
         return tuple([None if value is None else os.fsdecode(value) for value in raw])

@@ -7,7 +7,7 @@ benchmarks/results/2026-11-22-h100). A triton_op runs the same launch code, but 
 wrapped with ``torch.library.wrap_triton``, so Inductor sees them and launches them from its own
 generated code (and can capture them in CUDA graphs with mode="reduce-overhead").
 
-Selected by ``GENSCALE_COMPILE_KERNELS=inline`` (default ``opaque``: the custom ops). Compiled CUDA
+Selected by ``GENSCALE_COMPILE_KERNELS=inline`` (see kernels._dispatch.compile_mode). Compiled CUDA
 only: the Triton interpreter's kernels cannot be traced this way, so CPU runs keep the custom ops.
 Tested on a GPU by tests/kernels/test_compile.py (gpu-marked); not yet run on one.
 """

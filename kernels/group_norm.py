@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import _group_norm_ops
-from kernels._dispatch import compile_inline, compiling, use_triton
+from kernels._dispatch import compile_mode, compiling, use_triton
 
 try:
     from kernels import _group_norm_inline
@@ -82,7 +82,10 @@ def group_norm_silu(
     """
     _check(x, weight, bias, num_groups, activation)
     if use_triton(x, weight, bias) and x.dtype != torch.float64:
-        if _group_norm_inline is not None and compiling() and compile_inline():
+        mode = compile_mode() if compiling() else None
+        if mode == "reference":  # Inductor fuses the reference itself (see _dispatch.compile_mode)
+            return group_norm_silu_reference(x, weight, bias, num_groups, eps, activation)
+        if mode == "inline" and _group_norm_inline is not None:
             op = _group_norm_inline.group_norm_silu_fwd_inline
             return op(x, weight, bias, num_groups, float(eps), activation == "silu")[0]
         return _group_norm_ops.group_norm_silu(x, weight, bias, num_groups, float(eps), activation == "silu")

@@ -33,15 +33,24 @@ def _step(model: nn.Module, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return loss, list(grads)
 
 
-@pytest.mark.parametrize("backend", ["triton", "eager"])
-def test_fullgraph_compile_has_no_graph_breaks(device, monkeypatch, backend):
+@pytest.mark.parametrize("backend, mode", [("triton", "opaque"), ("triton", "reference"), ("eager", "reference")])
+def test_fullgraph_compile_has_no_graph_breaks(device, monkeypatch, backend, mode):
+    """No graph breaks and the same numbers; GroupNorm reaches the graph as the custom op with
+    GENSCALE_COMPILE_KERNELS=opaque, and as PyTorch's own group_norm (for Inductor to fuse) in
+    the default ``reference`` mode. The noise steps stay custom ops either way."""
     monkeypatch.setenv("GENSCALE_KERNELS", backend)
+    monkeypatch.setenv("GENSCALE_COMPILE_KERNELS", mode)
     torch.manual_seed(0)
     model = Block().to(device)
     loss, grads = _step(model, device)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model)(*_inputs(device))
     assert explained.graph_break_count == 0
+    code = "\n".join(graph.code for graph in explained.graphs)
+    custom_group_norm = "genscale_kernels.group_norm_silu_fwd" in code
+    assert custom_group_norm == (backend == "triton" and mode == "opaque"), code
+    assert ("torch.nn.functional.group_norm" in code) != custom_group_norm
+    assert ("genscale_kernels.q_sample" in code) == (backend == "triton")
     # Inductor where the custom ops run (the Triton backend on CUDA). The eager reference under
     # inductor took over 200 s to compile on an H100 machine (the unrolled int64 Philox rounds), so it
     # is traced and run through aot_eager, like the CPU cases (which need no C++ toolchain that way).
@@ -81,7 +90,7 @@ def test_inline_triton_ops_under_inductor(device, monkeypatch):
     graph breaks. Under the interpreter the opaque custom op is kept (and still compiles)."""
     from torch._inductor.utils import run_and_get_code
 
-    from kernels._dispatch import compile_inline
+    from kernels._dispatch import compile_mode
 
     monkeypatch.setenv("GENSCALE_COMPILE_KERNELS", "inline")
     torch.manual_seed(0)
@@ -89,10 +98,10 @@ def test_inline_triton_ops_under_inductor(device, monkeypatch):
     loss, grads = _step(model, device)
     torch._dynamo.reset()
     if device.type != "cuda":
-        assert not compile_inline()
+        assert compile_mode() == "opaque"
         closs, cgrads = _step(torch.compile(model, backend="aot_eager", fullgraph=True), device)
     else:
-        assert compile_inline()
+        assert compile_mode() == "inline"
         compiled = torch.compile(model, fullgraph=True)
         (closs, cgrads), codes = run_and_get_code(lambda: _step(compiled, device))
         code = "\n".join(codes)
@@ -104,8 +113,10 @@ def test_inline_triton_ops_under_inductor(device, monkeypatch):
 
 
 def test_compile_kernels_setting_is_checked(monkeypatch):
-    from kernels._dispatch import compile_inline
+    from kernels._dispatch import compile_mode
 
+    monkeypatch.delenv("GENSCALE_COMPILE_KERNELS", raising=False)
+    assert compile_mode() == "reference"
     monkeypatch.setenv("GENSCALE_COMPILE_KERNELS", "fast")
-    with pytest.raises(ValueError, match="GENSCALE_COMPILE_KERNELS must be opaque or inline"):
-        compile_inline()
+    with pytest.raises(ValueError, match="GENSCALE_COMPILE_KERNELS must be reference, opaque or inline"):
+        compile_mode()
