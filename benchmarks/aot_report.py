@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+os.environ["GENSCALE_TRITON_LAUNCH"] = "jit"  # compile-only: nothing may be loaded for direct launches
 
 import torch  # noqa: E402
 import triton  # noqa: E402

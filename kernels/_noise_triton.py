@@ -21,13 +21,17 @@ _RNG_ARGS = ["k0", "k1", "o0", "o1"]  # never specialised: values change every c
 
 @triton.jit
 def _philox(c0, c1, c2, c3, k0, k1):
+    # Each round needs the high and low words of two 32x32-bit products. Written as umulhi and a
+    # 32-bit multiply, ptxas emitted IMAD.HI + IMAD per product; one 64-bit product is a single
+    # IMAD.WIDE.U32 (sm_90a SASS of normal_kernel: 904 -> 768 instructions per 32 elements; the
+    # words are the same).
     for _ in tl.static_range(10):
-        a0 = c0
-        a2 = c2
-        c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
-        c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
-        c1 = a2 * 0xCD9E8D57
-        c3 = a0 * 0xD2511F53
+        p0 = c2.to(tl.uint64) * 0xCD9E8D57
+        p1 = c0.to(tl.uint64) * 0xD2511F53
+        c0 = (p0 >> 32).to(tl.uint32) ^ c1 ^ k0
+        c2 = (p1 >> 32).to(tl.uint32) ^ c3 ^ k1
+        c1 = p0.to(tl.uint32)
+        c3 = p1.to(tl.uint32)
         k0 = k0 + 0x9E3779B9
         k1 = k1 + 0xBB67AE85
     return c0, c1, c2, c3
