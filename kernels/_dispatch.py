@@ -108,7 +108,7 @@ def _encoded(names: tuple[str, ...]) -> tuple[bytes, ...]:
 
 
 def env_values(names: tuple[str, ...]) -> tuple:
-    """The raw values (None when unset) of environment variables, for keys built on every call.
+    """The values (str; None when unset) of environment variables, for keys built on every call.
 
     ``os.environ.get`` costs ~0.7 us per unset name (it encodes the name and goes through a
     KeyError), and a GroupNorm call keys its launch plan on 9 tuning variables. On POSIX the
@@ -116,7 +116,9 @@ def env_values(names: tuple[str, ...]) -> tuple:
     directly instead: ~0.1 us per name; elsewhere, and while torch.compile traces (Dynamo knows
     ``os.environ``, not its internals), ``os.environ.get``.
     """
-    data = getattr(os.environ, "_data", None) if os.name == "posix" and not torch.compiler.is_compiling() else None
+    data = None
+    if os.name == "posix" and not torch.compiler.is_compiling():
+        data = getattr(os.environ, "_data", None)
     if isinstance(data, dict):
         get = data.get
         raw = [get(key) for key in _encoded(names)]
