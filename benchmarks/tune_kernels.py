@@ -40,6 +40,9 @@ GN_CONFIGS = {
     "loop-8k": {"GENSCALE_GN_LOOP_TILE": "8192"},
     "loop-16k": {"GENSCALE_GN_LOOP_TILE": "16384"},
     "gb4-loop16k": {"GENSCALE_GN_PATH": "fused", "GENSCALE_GN_GROUP_BLOCK": "4", "GENSCALE_GN_LOOP_TILE": "16384"},
+    # or keep several tiles in flight through shared memory (software-pipelined loops)
+    "stages3": {"GENSCALE_GN_LOOP_STAGES": "3"},
+    "gb4-stages3": {"GENSCALE_GN_PATH": "fused", "GENSCALE_GN_GROUP_BLOCK": "4", "GENSCALE_GN_LOOP_STAGES": "3"},
 }
 # The noise kernels that draw: tile elements / warps (kernels/_noise_ops._make_layout).
 NOISE_TILES = {"tile2048": ("2048", "8"), "tile8192": ("8192", "8"), "tile4096w4": ("4096", "4"),

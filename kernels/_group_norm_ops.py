@@ -22,7 +22,9 @@ SPLIT_TILE = 4096  # elements per tile in the split path's loop
 # Elements per tile in the looped fused path. Each tile is one round of loads in flight; with one
 # or two programs per multiprocessor (large groups, few programs) 4096 bf16 elements are 8-16 KB
 # in flight per SM, under the ~23 KB that 3 TB/s x ~1 us of latency asks for: the suspect of
-# the looped plan's 26% of copy bandwidth. GENSCALE_GN_LOOP_TILE tries larger ones (tune_kernels).
+# the looped plan's 26% of copy bandwidth. GENSCALE_GN_LOOP_TILE tries larger ones, and
+# GENSCALE_GN_LOOP_STAGES > 1 keeps that many tiles in flight through shared memory (Triton's
+# software pipelining, cp.async on sm_90; 1 compiles to the same PTX as a plain loop). Both untimed.
 LOOP_TILE = 4096
 
 
@@ -65,6 +67,7 @@ class Plan:
     split: int = 1  # split: spatial chunks per (sample, channel block)
     chunk: int = 1
     num_warps: int = 4
+    stages: int = 1  # looped: tiles of loads in flight (software pipelining through shared memory)
 
 
 def make_plan(x: torch.Tensor, num_groups: int, x_strides: tuple[int, int, int], backward: bool) -> Plan:
@@ -72,7 +75,7 @@ def make_plan(x: torch.Tensor, num_groups: int, x_strides: tuple[int, int, int],
 
     Environment overrides, for tests and tuning: GENSCALE_GN_PATH=fused|looped|split, and
     GENSCALE_GN_BLOCK_S / _BLOCK_C / _SPLIT / _FUSED_MAX_FWD / _FUSED_MAX_BWD / _GROUP_BLOCK /
-    _LOOP_TILE.
+    _LOOP_TILE / _LOOP_STAGES.
     """
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // max(1, n * c)
@@ -102,7 +105,9 @@ def make_plan(x: torch.Tensor, num_groups: int, x_strides: tuple[int, int, int],
         block_s = block_s if single else env_int("GENSCALE_GN_BLOCK_S", block_s)
         elems = group_block * block_cg * block_s
         warps = min(16, max(4, elems // 512))
-        return Plan(True, single, group_block=group_block, block_cg=block_cg, block_s=block_s, num_warps=warps)
+        stages = 1 if single else env_int("GENSCALE_GN_LOOP_STAGES", 1)
+        return Plan(True, single, group_block=group_block, block_cg=block_cg, block_s=block_s, num_warps=warps,
+                    stages=stages)
     if channel_fast:
         block_c = min(_pow2(c), 256)
         block_s = max(1, min(_pow2(s), SPLIT_TILE // block_c))
@@ -140,7 +145,7 @@ def _finalize_blocks(cg: int, split: int) -> tuple[int, int]:
 
 _TUNING_VARS = ("GENSCALE_GN_PATH", "GENSCALE_GN_BLOCK_S", "GENSCALE_GN_BLOCK_C", "GENSCALE_GN_SPLIT",
                 "GENSCALE_GN_FUSED_MAX_FWD", "GENSCALE_GN_FUSED_MAX_BWD", "GENSCALE_GN_GROUP_BLOCK",
-                "GENSCALE_GN_LOOP_TILE", "GENSCALE_TRITON_LAUNCH")
+                "GENSCALE_GN_LOOP_TILE", "GENSCALE_GN_LOOP_STAGES", "GENSCALE_TRITON_LAUNCH")
 _SPECS: dict = {}
 _MAX_SPECS = 1024  # a long run meets a handful of shapes; a sweep over many just starts afresh
 
@@ -200,7 +205,7 @@ def _forward_spec(x: torch.Tensor, num_groups: int, eps: float, flags: dict) -> 
     inv_cnt = 1.0 / (cg * s)
     if p.fused:
         meta = dict(flags, GB=p.group_block, BLOCK_CG=p.block_cg, BLOCK_S=p.block_s, SINGLE=p.single,
-                    num_warps=p.num_warps)
+                    STAGES=p.stages, num_warps=p.num_warps)
         fused = _Launch("gn_fwd_fused", (n, _cdiv(num_groups, p.group_block)),
                         (num_groups, cg, s, inv_cnt, eps, *xs, *ys), meta)
         return _Spec(copy, False, (fused,), None)
@@ -234,7 +239,7 @@ def _backward_spec(dy: torch.Tensor, x: torch.Tensor, num_groups: int, flags: di
     part = (2, n * split, c)
     if p.fused:
         meta = dict(flags, GB=p.group_block, BLOCK_CG=p.block_cg, BLOCK_S=p.block_s, SINGLE=p.single,
-                    num_warps=p.num_warps)
+                    STAGES=p.stages, num_warps=p.num_warps)
         fused = _Launch("gn_bwd_fused", (n, _cdiv(num_groups, p.group_block)),
                         (c, num_groups, cg, s, inv_cnt, plane, *xs, *ds, *os_), meta)
         return _Spec(copy_x, copy_dy, (fused,), part)

@@ -97,7 +97,8 @@ def gn_fwd_fused(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
                  G, CG: tl.constexpr, S, inv_cnt, eps,
                  sxn, sxc, sxs, syn, syc, sys,
                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-                 GB: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr):
+                 GB: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr,
+                 STAGES: tl.constexpr = 1):
     n, g, c2, cmask2, c3, cmask, s3 = _group_tile(G, CG, GB, BLOCK_CG, BLOCK_S)
     w2, b2 = _params(w_ptr, b_ptr, c2, cmask2, HAS_W, HAS_B)
     w3 = w2[:, :, None]
@@ -118,7 +119,7 @@ def gn_fwd_fused(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
     else:
         mean = tl.full((GB,), 0.0, tl.float32)
         m2 = tl.full((GB,), 0.0, tl.float32)
-        for s0 in range(0, S, BLOCK_S):  # tile statistics merged with Chan's formula
+        for s0 in tl.range(0, S, BLOCK_S, num_stages=STAGES):  # tile statistics merged with Chan's formula
             mask = cmask & (s0 + s3 < S)
             x = tl.load(xb + (s0 + s3) * sxs, mask=mask, other=0.0).to(tl.float32)
             nb = tl.minimum(S - s0, BLOCK_S) * CG * 1.0
@@ -131,7 +132,7 @@ def gn_fwd_fused(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
             mean = mean + delta * (nb / tot)
             m2 = m2 + t_m2 + delta * delta * (seen * nb / tot)
         rstd = 1.0 / tl.sqrt(m2 * inv_cnt + eps)
-        for s0 in range(0, S, BLOCK_S):
+        for s0 in tl.range(0, S, BLOCK_S, num_stages=STAGES):
             mask = cmask & (s0 + s3 < S)
             x = tl.load(xb + (s0 + s3) * sxs, mask=mask, other=0.0).to(tl.float32)
             z = (x - mean[:, None, None]) * rstd[:, None, None] * w3 + b3
@@ -158,7 +159,8 @@ def gn_bwd_fused(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_p
                  C, G, CG: tl.constexpr, S, inv_cnt, plane,
                  sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos,
                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-                 GB: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr):
+                 GB: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr,
+                 STAGES: tl.constexpr = 1):
     n, g, c2, cmask2, c3, cmask, s3 = _group_tile(G, CG, GB, BLOCK_CG, BLOCK_S)
     gmask = g < G
     w2, b2 = _params(w_ptr, b_ptr, c2, cmask2, HAS_W, HAS_B)
@@ -177,7 +179,7 @@ def gn_bwd_fused(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_p
     else:
         acc_db = tl.full((GB, BLOCK_CG, BLOCK_S), 0.0, tl.float32)
         acc_dw = tl.full((GB, BLOCK_CG, BLOCK_S), 0.0, tl.float32)
-        for s0 in range(0, S, BLOCK_S):
+        for s0 in tl.range(0, S, BLOCK_S, num_stages=STAGES):
             mask = cmask & (s0 + s3 < S)
             t_xhat, t_dz = _bwd_tile(xb, db, sxs, sds, s0 + s3, mask, mean, rstd, w3, b3, ACT)
             acc_db += t_dz
@@ -194,7 +196,7 @@ def gn_bwd_fused(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_p
         dx = rstd * (dz * w3 - m1 - xhat * m2)
         tl.store(ob + s3 * sos, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
-        for s0 in range(0, S, BLOCK_S):
+        for s0 in tl.range(0, S, BLOCK_S, num_stages=STAGES):
             mask = cmask & (s0 + s3 < S)
             t_xhat, t_dz = _bwd_tile(xb, db, sxs, sds, s0 + s3, mask, mean, rstd, w3, b3, ACT)
             dx = rstd * (t_dz * w3 - m1 - t_xhat * m2)

@@ -277,15 +277,20 @@ def test_forced_group_block_with_a_partial_last_block(device, monkeypatch, group
     assert launched == [int(group_block)] * 2  # forward and backward
 
 
-def test_forced_loop_tile(device, monkeypatch):
+@pytest.mark.parametrize("stages", ["1", "3"])
+def test_forced_loop_tile_and_stages(device, monkeypatch, stages):
     """GENSCALE_GN_LOOP_TILE (tuning) sets the looped plan's tile: 64 elements over 2 channels
-    per group -> 32 positions per tile, so 7x9 = 63 positions take two tiles, the second partial."""
+    per group -> 32 positions per tile, so 7x9 = 63 positions take two tiles, the second partial.
+    GENSCALE_GN_LOOP_STAGES pipelines the loops' loads (compiled kernels; the interpreter runs
+    the same loop)."""
     monkeypatch.setenv("GENSCALE_GN_PATH", "looped")
     monkeypatch.setenv("GENSCALE_GN_LOOP_TILE", "64")
-    launched = spy_launches(monkeypatch, lambda launch: (launch.meta["SINGLE"], launch.meta["BLOCK_S"]))
+    monkeypatch.setenv("GENSCALE_GN_LOOP_STAGES", stages)
+    launched = spy_launches(monkeypatch, lambda launch: (launch.meta["SINGLE"], launch.meta["BLOCK_S"],
+                                                         launch.meta["STAGES"]))
     x = make_x(2, 6, (7, 9), False, device)
     dy = make_x(2, 6, (7, 9), False, device, shift=0.0, scale=1.0)
     w, b = torch.randn(6, device=device), torch.randn(6, device=device)
     for out, ref in zip(run(x, w, b, 3, dy), reference(x, w, b, 3, dy)):
         assert rel_err(out, ref) <= 1e-5
-    assert launched == [(False, 32)] * 2  # forward and backward
+    assert launched == [(False, 32, int(stages))] * 2  # forward and backward
