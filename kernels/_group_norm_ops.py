@@ -176,16 +176,18 @@ class _Spec:
     coef: tuple | None = None  # split backward: shape of the per-group coefficients
 
 
-def _cached(key: tuple, build) -> _Spec:
+def cached(cache: dict, key: tuple, build, limit: int = _MAX_SPECS):
+    """``cache[key]``, built on a miss; a full cache starts afresh. Unhashable keys (symbolic sizes:
+    a triton op traced with dynamic shapes) are built every time."""
     try:
-        spec = _SPECS.get(key)
-    except TypeError:  # symbolic sizes (a triton op traced with dynamic shapes): plan afresh
+        found = cache.get(key)
+    except TypeError:
         return build()
-    if spec is None:
-        if len(_SPECS) >= _MAX_SPECS:
-            _SPECS.clear()
-        spec = _SPECS[key] = build()
-    return spec
+    if found is None:
+        if len(cache) >= limit:
+            cache.clear()
+        found = cache[key] = build()
+    return found
 
 
 def _tuning() -> tuple:
@@ -263,7 +265,7 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
 
     has_w, has_b = weight is not None, bias is not None
     key = ("fwd", x.shape, x.stride(), x.dtype, x.device, num_groups, eps, has_w, has_b, act, _tuning())
-    spec = _cached(key, lambda: _forward_spec(x, num_groups, eps, dict(HAS_W=has_w, HAS_B=has_b, ACT=act)))
+    spec = cached(_SPECS, key, lambda: _forward_spec(x, num_groups, eps, dict(HAS_W=has_w, HAS_B=has_b, ACT=act)))
     if spec.copy_x:  # e.g. a spatial crop: rare, copy rather than support every stride pattern
         x = x.contiguous()
     y = torch.empty_like(x)
@@ -290,7 +292,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
     has_w, has_b = weight is not None, bias is not None
     key = ("bwd", x.shape, x.stride(), dy.stride(), x.dtype, dy.dtype, x.device, num_groups, has_w, has_b, act,
            _tuning())
-    spec = _cached(key, lambda: _backward_spec(dy, x, num_groups, dict(HAS_W=has_w, HAS_B=has_b, ACT=act)))
+    spec = cached(_SPECS, key, lambda: _backward_spec(dy, x, num_groups, dict(HAS_W=has_w, HAS_B=has_b, ACT=act)))
     x = x.contiguous() if spec.copy_x else x
     dy = dy.contiguous() if spec.copy_dy else dy
     dx = torch.empty_like(x)

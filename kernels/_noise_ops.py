@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from kernels._dispatch import compiling, env_int, env_values, interpreter_active, sm_count
-from kernels._group_norm_ops import _cdiv, _pow2, _viewable, ncs_strides
+from kernels._group_norm_ops import _cdiv, _pow2, _viewable, cached, ncs_strides
 
 MASK32 = 0xFFFFFFFF
 TILE = 2048  # elements per program (see _make_layout)
@@ -47,19 +47,8 @@ _TUNING_VARS = ("GENSCALE_NOISE_MATH", "GENSCALE_NOISE_TILE", "GENSCALE_NOISE_WA
 def _layout(x: torch.Tensor, draws: bool = False) -> _Layout:
     """The layout of the tensor a kernel is launched on; ``draws``: the kernel draws normals."""
     key = (x.shape, x.stride(), x.device, draws, env_values(_TUNING_VARS))
-    try:
-        found = _LAYOUTS.get(key)
-    except TypeError:  # symbolic sizes: lay out afresh
-        found = None
-        key = None
-    if found is None:
-        found = _make_layout(x, draws, fast_math(), env_int("GENSCALE_NOISE_TILE", 0),
-                             env_int("GENSCALE_NOISE_WARPS", 0))
-        if key is not None:
-            if len(_LAYOUTS) >= _MAX_LAYOUTS:
-                _LAYOUTS.clear()
-            _LAYOUTS[key] = found
-    return found
+    return cached(_LAYOUTS, key, lambda: _make_layout(x, draws, fast_math(), env_int("GENSCALE_NOISE_TILE", 0),
+                                                      env_int("GENSCALE_NOISE_WARPS", 0)), _MAX_LAYOUTS)
 
 
 def _make_layout(x: torch.Tensor, draws: bool, fast: bool, tile: int, warps: int) -> _Layout:
