@@ -45,9 +45,10 @@ class Objective(nn.Module):
         self.register_buffer("sqrt_1m", (1 - abar).sqrt().float().to(device), persistent=False)
 
     def forward(self, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            xt = kernels.q_sample(x0, t, self.abar64, seed=0, offset=1)
-            return kernels.eps_loss(self.unet(xt, t), 0, 1)
+        if self.fused:  # a new seed every step, drawn on the GPU: CUDA graph replays draw anew too
+            seed = torch.randint(0, 2**62, (1,), device=x0.device)
+            xt = kernels.q_sample(x0, t, self.abar64, seed=seed)
+            return kernels.eps_loss(self.unet(xt, t), seed)
         eps = torch.randn_like(x0)
         xt = self.sqrt_abar[t].view(-1, 1, 1, 1) * x0 + self.sqrt_1m[t].view(-1, 1, 1, 1) * eps
         return F.mse_loss(self.unet(xt, t).float(), eps)

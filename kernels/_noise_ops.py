@@ -1,7 +1,9 @@
 """Noise-step Triton launchers, registered as torch.library custom ops (no graph breaks).
 
 Inputs arrive normalised by kernels/noise.py: t (and t_prev) int64 [N] and alphas_cumprod
-float64 on the tensors' device; seed and offset in [0, 2**63).
+float64 on the tensors' device; seed and offset in [0, 2**63), the seed possibly an integer
+tensor of one element (read by the kernels themselves, so CUDA graphs can replay them with new
+seeds; torch.library schemas have no int-or-tensor type, so the custom ops take it as ``seed_t``).
 """
 from __future__ import annotations
 
@@ -99,24 +101,30 @@ def fast_math() -> bool:
     return mode == "fast" and not interpreter_active()
 
 
-def _rng(seed: int, offset: int) -> tuple[int, int, int, int]:
-    return seed & MASK32, (seed >> 32) & MASK32, offset & MASK32, (offset >> 32) & MASK32
+def _rng(seed: int | torch.Tensor, offset: int, device: torch.device) -> tuple[tuple, dict]:
+    """The kernels' Philox arguments (k0, k1, o0, o1) and the SEED_PTR constant: a seed tensor is
+    passed as a pointer in k0 (int64 on the kernel's device), an int as its two 32-bit words."""
+    stream = (offset & MASK32, (offset >> 32) & MASK32)
+    if torch.is_tensor(seed):
+        return (seed.to(device=device, dtype=torch.int64).reshape(1), 0, *stream), dict(SEED_PTR=True)
+    return (seed & MASK32, (seed >> 32) & MASK32, *stream), dict(SEED_PTR=False)
 
 
-def normal(like: torch.Tensor, seed: int, offset: int, dtype: torch.dtype) -> torch.Tensor:
+def normal(like: torch.Tensor, seed: int | torch.Tensor, offset: int, dtype: torch.dtype) -> torch.Tensor:
     from kernels import _noise_triton as k
 
     out = torch.empty_like(like, dtype=dtype)
     if out.numel() == 0:
         return out
     lay = _layout(out, draws=True)
-    k.normal_kernel[lay.grid](out, lay.c, lay.s, _cdiv(lay.s, 4), *_rng(seed, offset), *lay.strides,
-                              enable_fp_fusion=False, **lay.meta)
+    rng, seed_ptr = _rng(seed, offset, out.device)
+    k.normal_kernel[lay.grid](out, lay.c, lay.s, _cdiv(lay.s, 4), *rng, *lay.strides,
+                              enable_fp_fusion=False, **seed_ptr, **lay.meta)
     return out
 
 
 def q_sample(x0: torch.Tensor, noise: Optional[torch.Tensor], t: torch.Tensor, abar: torch.Tensor,
-             seed: int, offset: int) -> torch.Tensor:
+             seed: int | torch.Tensor, offset: int) -> torch.Tensor:
     from kernels import _noise_triton as k
 
     x0, lay = _launch_view(x0, draws=noise is None)
@@ -124,26 +132,29 @@ def q_sample(x0: torch.Tensor, noise: Optional[torch.Tensor], t: torch.Tensor, a
     if out.numel() == 0:
         return out
     e, elay = _launch_view(noise) if noise is not None else (x0, lay)
+    rng, seed_ptr = _rng(seed if noise is None else 0, offset, x0.device)
     k.q_sample_kernel[lay.grid](x0, e, out, t, abar, abar.shape[0], lay.c, lay.s, _cdiv(lay.s, 4),
-                                *_rng(seed, offset), *lay.strides, *elay.strides, *lay.out_strides,
-                                HAS_EPS=noise is not None, enable_fp_fusion=False, **lay.meta)
+                                *rng, *lay.strides, *elay.strides, *lay.out_strides,
+                                HAS_EPS=noise is not None, enable_fp_fusion=False, **seed_ptr, **lay.meta)
     return out
 
 
-def eps_loss(pred: torch.Tensor, seed: int, offset: int, l1: bool) -> torch.Tensor:
+def eps_loss(pred: torch.Tensor, seed: int | torch.Tensor, offset: int, l1: bool) -> torch.Tensor:
     from kernels import _noise_triton as k
 
     pred, lay = _launch_view(pred, draws=True)
     grid = lay.grid
     part = torch.empty(grid[0] * grid[1] * grid[2], device=pred.device, dtype=torch.float32)
     if pred.numel():
-        k.eps_loss_fwd_kernel[grid](pred, part, lay.c, lay.s, _cdiv(lay.s, 4), *_rng(seed, offset), *lay.strides,
-                                    L1=l1, enable_fp_fusion=False, **lay.meta)
+        rng, seed_ptr = _rng(seed, offset, pred.device)
+        k.eps_loss_fwd_kernel[grid](pred, part, lay.c, lay.s, _cdiv(lay.s, 4), *rng, *lay.strides,
+                                    L1=l1, enable_fp_fusion=False, **seed_ptr, **lay.meta)
     # Partial sums added in a fixed order (fp64): deterministic and accurate.
     return part.sum(dtype=torch.float64).div_(max(1, pred.numel())).to(torch.float32)
 
 
-def eps_loss_backward(grad: torch.Tensor, pred: torch.Tensor, seed: int, offset: int, l1: bool) -> torch.Tensor:
+def eps_loss_backward(grad: torch.Tensor, pred: torch.Tensor, seed: int | torch.Tensor, offset: int,
+                      l1: bool) -> torch.Tensor:
     from kernels import _noise_triton as k
 
     pred, lay = _launch_view(pred, draws=True)
@@ -151,15 +162,16 @@ def eps_loss_backward(grad: torch.Tensor, pred: torch.Tensor, seed: int, offset:
     if out.numel() == 0:
         return out
     g = grad.to(device=pred.device, dtype=torch.float32).reshape(())
+    rng, seed_ptr = _rng(seed, offset, pred.device)
     k.eps_loss_bwd_kernel[lay.grid](pred, g, out, 1.0 / pred.numel(), lay.c, lay.s, _cdiv(lay.s, 4),
-                                    *_rng(seed, offset), *lay.strides, *lay.out_strides, L1=l1,
-                                    enable_fp_fusion=False, **lay.meta)
+                                    *rng, *lay.strides, *lay.out_strides, L1=l1,
+                                    enable_fp_fusion=False, **seed_ptr, **lay.meta)
     return out
 
 
 def ddpm_step(x: torch.Tensor, eps: torch.Tensor, eps_cond: Optional[torch.Tensor], scale: float,
-              t: torch.Tensor, t_prev: torch.Tensor, abar: torch.Tensor, clip: bool, large_var: bool, seed: int,
-              offset: int) -> torch.Tensor:
+              t: torch.Tensor, t_prev: torch.Tensor, abar: torch.Tensor, clip: bool, large_var: bool,
+              seed: int | torch.Tensor, offset: int) -> torch.Tensor:
     from kernels import _noise_triton as k
 
     x, lay = _launch_view(x, draws=True)
@@ -168,16 +180,16 @@ def ddpm_step(x: torch.Tensor, eps: torch.Tensor, eps_cond: Optional[torch.Tenso
     out = torch.empty_like(x)
     if out.numel() == 0:
         return out
+    rng, seed_ptr = _rng(seed, offset, x.device)
     k.ddpm_step_kernel[lay.grid](x, eps, ec, out, t, t_prev, abar, abar.shape[0], float(scale), lay.c, lay.s,
-                                 _cdiv(lay.s, 4), *_rng(seed, offset),
-                                 *lay.strides, *elay.strides, *clay.strides, *lay.out_strides,
-                                 CFG=eps_cond is not None, CLIP=clip, LARGE_VAR=large_var, **lay.meta)
+                                 _cdiv(lay.s, 4), *rng, *lay.strides, *elay.strides, *clay.strides, *lay.out_strides,
+                                 CFG=eps_cond is not None, CLIP=clip, LARGE_VAR=large_var, **seed_ptr, **lay.meta)
     return out
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, eps_cond: Optional[torch.Tensor], scale: float,
               t: torch.Tensor, t_prev: torch.Tensor, abar: torch.Tensor, eta: float, clip: bool,
-              seed: int, offset: int) -> torch.Tensor:
+              seed: int | torch.Tensor, offset: int) -> torch.Tensor:
     from kernels import _noise_triton as k
 
     x, lay = _launch_view(x, draws=eta > 0)
@@ -186,10 +198,11 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, eps_cond: Optional[torch.Tenso
     out = torch.empty_like(x)
     if out.numel() == 0:
         return out
+    rng, seed_ptr = _rng(seed if eta > 0 else 0, offset, x.device)
     k.ddim_step_kernel[lay.grid](x, eps, ec, out, t, t_prev, abar, abar.shape[0], float(scale), float(eta),
-                                 lay.c, lay.s, _cdiv(lay.s, 4), *_rng(seed, offset),
+                                 lay.c, lay.s, _cdiv(lay.s, 4), *rng,
                                  *lay.strides, *elay.strides, *clay.strides, *lay.out_strides,
-                                 CFG=eps_cond is not None, CLIP=clip, **lay.meta)
+                                 CFG=eps_cond is not None, CLIP=clip, **seed_ptr, **lay.meta)
     return out
 
 
@@ -203,72 +216,96 @@ def _empty_like_viewable(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -
     return torch.empty_like(base, dtype=dtype)
 
 
+def _seed(seed: int, seed_t: Optional[torch.Tensor]) -> int | torch.Tensor:
+    return seed if seed_t is None else seed_t
+
+
+def _split_seed(seed: int | torch.Tensor) -> tuple[int, Optional[torch.Tensor]]:
+    """A seed as the custom ops take it: (int, None) or (0, the tensor)."""
+    return (0, seed) if torch.is_tensor(seed) else (seed, None)
+
+
 @torch.library.custom_op(f"{_LIB}::philox_normal", mutates_args=())
-def philox_normal_op(like: torch.Tensor, seed: int, offset: int, dtype: torch.dtype) -> torch.Tensor:
-    return normal(like, seed, offset, dtype)
+def philox_normal_op(like: torch.Tensor, seed: int, offset: int, dtype: torch.dtype,
+                     seed_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return normal(like, _seed(seed, seed_t), offset, dtype)
 
 
 @philox_normal_op.register_fake
-def _(like, seed, offset, dtype):
+def _(like, seed, offset, dtype, seed_t=None):
     return torch.empty_like(like, dtype=dtype)
 
 
 @torch.library.custom_op(f"{_LIB}::q_sample", mutates_args=())
 def q_sample_op(x0: torch.Tensor, noise: Optional[torch.Tensor], t: torch.Tensor, abar: torch.Tensor,
-                seed: int, offset: int) -> torch.Tensor:
-    return q_sample(x0, noise, t, abar, seed, offset)
+                seed: int, offset: int, seed_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return q_sample(x0, noise, t, abar, _seed(seed, seed_t), offset)
 
 
 @q_sample_op.register_fake
-def _(x0, noise, t, abar, seed, offset):
+def _(x0, noise, t, abar, seed, offset, seed_t=None):
     return _empty_like_viewable(x0)
 
 
 def _q_setup(ctx, inputs, output) -> None:
-    _x0, noise, t, abar, _seed, _offset = inputs
+    _x0, noise, t, abar = inputs[:4]
     ctx.save_for_backward(t, abar)
     ctx.has_noise = noise is not None
+    ctx.num_inputs = len(inputs)
 
 
 def _q_backward(ctx, grad):
     t, abar = ctx.saved_tensors
     a = abar[t].to(torch.float32).reshape((-1,) + (1,) * (grad.dim() - 1))
     d_noise = grad * torch.sqrt(1.0 - a).to(grad.dtype) if ctx.has_noise else None
-    return grad * torch.sqrt(a).to(grad.dtype), d_noise, None, None, None, None
+    return (grad * torch.sqrt(a).to(grad.dtype), d_noise) + (None,) * (ctx.num_inputs - 2)
 
 
 q_sample_op.register_autograd(_q_backward, setup_context=_q_setup)
 
 
 @torch.library.custom_op(f"{_LIB}::eps_loss", mutates_args=())
-def eps_loss_op(pred: torch.Tensor, seed: int, offset: int, l1: bool) -> torch.Tensor:
-    return eps_loss(pred, seed, offset, l1)
+def eps_loss_op(pred: torch.Tensor, seed: int, offset: int, l1: bool,
+                seed_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return eps_loss(pred, _seed(seed, seed_t), offset, l1)
 
 
 @eps_loss_op.register_fake
-def _(pred, seed, offset, l1):
+def _(pred, seed, offset, l1, seed_t=None):
     return pred.new_empty((), dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{_LIB}::eps_loss_backward", mutates_args=())
-def eps_loss_backward_op(grad: torch.Tensor, pred: torch.Tensor, seed: int, offset: int, l1: bool) -> torch.Tensor:
-    return eps_loss_backward(grad, pred, seed, offset, l1)
+def eps_loss_backward_op(grad: torch.Tensor, pred: torch.Tensor, seed: int, offset: int, l1: bool,
+                         seed_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return eps_loss_backward(grad, pred, _seed(seed, seed_t), offset, l1)
 
 
 @eps_loss_backward_op.register_fake
-def _(grad, pred, seed, offset, l1):
+def _(grad, pred, seed, offset, l1, seed_t=None):
     return _empty_like_viewable(pred)
 
 
 def _loss_setup(ctx, inputs, output) -> None:
-    pred, seed, offset, l1 = inputs
-    ctx.save_for_backward(pred)
-    ctx.seed, ctx.offset, ctx.l1 = seed, offset, l1
+    """A seed tensor is saved like pred: changing it in place before the backward (which draws eps
+    again from it) makes autograd refuse, instead of regenerating another eps."""
+    pred, seed, offset, l1 = inputs[:4]
+    seed = _seed(seed, inputs[4] if len(inputs) > 4 else None)
+    ctx.seed_is_tensor = torch.is_tensor(seed)
+    ctx.save_for_backward(pred, seed) if ctx.seed_is_tensor else ctx.save_for_backward(pred)
+    ctx.seed, ctx.offset, ctx.l1 = (None if ctx.seed_is_tensor else seed), offset, l1
+    ctx.num_inputs = len(inputs)
+
+
+def _loss_saved(ctx) -> tuple[torch.Tensor, int | torch.Tensor]:
+    saved = ctx.saved_tensors
+    return saved[0], (saved[1] if ctx.seed_is_tensor else ctx.seed)
 
 
 def _loss_backward(ctx, grad):
-    (pred,) = ctx.saved_tensors
-    return eps_loss_backward_op(grad, pred, ctx.seed, ctx.offset, ctx.l1), None, None, None
+    pred, seed = _loss_saved(ctx)
+    int_seed, seed_t = _split_seed(seed)
+    return (eps_loss_backward_op(grad, pred, int_seed, ctx.offset, ctx.l1, seed_t),) + (None,) * (ctx.num_inputs - 1)
 
 
 eps_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
@@ -277,30 +314,31 @@ eps_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 @torch.library.custom_op(f"{_LIB}::ddpm_step", mutates_args=())
 def ddpm_step_op(x: torch.Tensor, eps: torch.Tensor, eps_cond: Optional[torch.Tensor], scale: float,
                  t: torch.Tensor, t_prev: torch.Tensor, abar: torch.Tensor, clip: bool, large_var: bool, seed: int,
-                 offset: int) -> torch.Tensor:
-    return ddpm_step(x, eps, eps_cond, scale, t, t_prev, abar, clip, large_var, seed, offset)
+                 offset: int, seed_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return ddpm_step(x, eps, eps_cond, scale, t, t_prev, abar, clip, large_var, _seed(seed, seed_t), offset)
 
 
 @ddpm_step_op.register_fake
-def _(x, eps, eps_cond, scale, t, t_prev, abar, clip, large_var, seed, offset):
+def _(x, eps, eps_cond, scale, t, t_prev, abar, clip, large_var, seed, offset, seed_t=None):
     return _empty_like_viewable(x)
 
 
 @torch.library.custom_op(f"{_LIB}::ddim_step", mutates_args=())
 def ddim_step_op(x: torch.Tensor, eps: torch.Tensor, eps_cond: Optional[torch.Tensor], scale: float,
                  t: torch.Tensor, t_prev: torch.Tensor, abar: torch.Tensor, eta: float, clip: bool,
-                 seed: int, offset: int) -> torch.Tensor:
-    return ddim_step(x, eps, eps_cond, scale, t, t_prev, abar, eta, clip, seed, offset)
+                 seed: int, offset: int, seed_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return ddim_step(x, eps, eps_cond, scale, t, t_prev, abar, eta, clip, _seed(seed, seed_t), offset)
 
 
 @ddim_step_op.register_fake
-def _(x, eps, eps_cond, scale, t, t_prev, abar, eta, clip, seed, offset):
+def _(x, eps, eps_cond, scale, t, t_prev, abar, eta, clip, seed, offset, seed_t=None):
     return _empty_like_viewable(x)
 
 
 # ----------------------------------------------------------------------------- direct calls
 # Outside torch.compile the launchers are called without the custom-op dispatch (host time; see
-# kernels._dispatch.compiling), through autograd.Functions with the same backward formulas.
+# kernels._dispatch.compiling), through autograd.Functions with the same backward formulas. Seeds
+# are ints or tensors here; _split_seed turns them into the custom ops' (seed, seed_t).
 
 
 class _QSampleDirect(torch.autograd.Function):
@@ -322,27 +360,42 @@ class _EpsLossDirect(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (pred,) = ctx.saved_tensors
-        return eps_loss_backward(grad, pred, ctx.seed, ctx.offset, ctx.l1), None, None, None
+        pred, seed = _loss_saved(ctx)
+        return eps_loss_backward(grad, pred, seed, ctx.offset, ctx.l1), None, None, None
 
 
 def call_philox_normal(like, seed, offset, dtype):
-    return philox_normal_op(like, seed, offset, dtype) if compiling() else normal(like, seed, offset, dtype)
+    if compiling():
+        int_seed, seed_t = _split_seed(seed)
+        return philox_normal_op(like, int_seed, offset, dtype, seed_t)
+    return normal(like, seed, offset, dtype)
 
 
 def call_q_sample(x0, noise, t, abar, seed, offset):
     if compiling():
-        return q_sample_op(x0, noise, t, abar, seed, offset)
+        int_seed, seed_t = _split_seed(seed)
+        return q_sample_op(x0, noise, t, abar, int_seed, offset, seed_t)
     return _QSampleDirect.apply(x0, noise, t, abar, seed, offset)
 
 
 def call_eps_loss(pred, seed, offset, l1):
-    return eps_loss_op(pred, seed, offset, l1) if compiling() else _EpsLossDirect.apply(pred, seed, offset, l1)
+    if compiling():
+        int_seed, seed_t = _split_seed(seed)
+        return eps_loss_op(pred, int_seed, offset, l1, seed_t)
+    return _EpsLossDirect.apply(pred, seed, offset, l1)
 
 
 def call_ddpm_step(*args):
-    return ddpm_step_op(*args) if compiling() else ddpm_step(*args)
+    if compiling():
+        *rest, seed, offset = args
+        int_seed, seed_t = _split_seed(seed)
+        return ddpm_step_op(*rest, int_seed, offset, seed_t)
+    return ddpm_step(*args)
 
 
 def call_ddim_step(*args):
-    return ddim_step_op(*args) if compiling() else ddim_step(*args)
+    if compiling():
+        *rest, seed, offset = args
+        int_seed, seed_t = _split_seed(seed)
+        return ddim_step_op(*rest, int_seed, offset, seed_t)
+    return ddim_step(*args)

@@ -97,16 +97,22 @@ def _abar_at(abar_ptr, t, T):
 
 
 @triton.jit
-def _rng_key(k0, k1, o0, o1):
+def _rng_key(k0, k1, o0, o1, SEED_PTR: tl.constexpr):
+    """The key and the stream words. SEED_PTR: k0 points to the seed (int64), read here, so that a
+    CUDA graph replays the kernel with whatever seed the tensor holds then (k1 is unused)."""
+    if SEED_PTR:
+        seed = tl.load(k0)
+        k0 = seed & 0xFFFFFFFF
+        k1 = seed >> 32
     return k0.to(tl.uint32), k1.to(tl.uint32), o0.to(tl.uint32), o1.to(tl.uint32)
 
 
 @triton.jit(do_not_specialize=_RNG_ARGS)
 def normal_kernel(out_ptr, C, S, SQ, k0, k1, o0, o1, son, soc, sos,
                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                  FAST_MATH: tl.constexpr):
+                  FAST_MATH: tl.constexpr, SEED_PTR: tl.constexpr):
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
-    k0, k1, o0, o1 = _rng_key(k0, k1, o0, o1)
+    k0, k1, o0, o1 = _rng_key(k0, k1, o0, o1, SEED_PTR)
     eps = _normal_tile(k0, k1, o0, o1, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4),
                        BLOCK_C, BLOCK_S, FAST_MATH)
     tl.store(out_ptr + n * son + c[:, None] * soc + s[None, :] * sos, eps.to(out_ptr.dtype.element_ty), mask=mask)
@@ -116,7 +122,7 @@ def normal_kernel(out_ptr, C, S, SQ, k0, k1, o0, o1, son, soc, sos,
 def q_sample_kernel(x_ptr, e_ptr, out_ptr, t_ptr, abar_ptr, T, C, S, SQ, k0, k1, o0, o1,
                     sxn, sxc, sxs, sen, sec, ses, son, soc, sos,
                     HAS_EPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                    FAST_MATH: tl.constexpr):
+                    FAST_MATH: tl.constexpr, SEED_PTR: tl.constexpr):
     """x_t = sqrt(abar[t_n]) x0 + sqrt(1 - abar[t_n]) eps, eps loaded or drawn."""
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
     a = _abar_at(abar_ptr, tl.load(t_ptr + n), T)
@@ -126,7 +132,7 @@ def q_sample_kernel(x_ptr, e_ptr, out_ptr, t_ptr, abar_ptr, T, C, S, SQ, k0, k1,
     if HAS_EPS:
         eps = tl.load(e_ptr + n * sen + c[:, None] * sec + s[None, :] * ses, mask=mask, other=0.0).to(tl.float32)
     else:
-        r0, r1, r2, r3 = _rng_key(k0, k1, o0, o1)
+        r0, r1, r2, r3 = _rng_key(k0, k1, o0, o1, SEED_PTR)
         eps = _normal_tile(r0, r1, r2, r3, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4),
                            BLOCK_C, BLOCK_S, FAST_MATH)
     out = ca * x + cb * eps
@@ -136,10 +142,10 @@ def q_sample_kernel(x_ptr, e_ptr, out_ptr, t_ptr, abar_ptr, T, C, S, SQ, k0, k1,
 @triton.jit(do_not_specialize=_RNG_ARGS)
 def eps_loss_fwd_kernel(p_ptr, part_ptr, C, S, SQ, k0, k1, o0, o1, spn, spc, sps,
                         L1: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                        FAST_MATH: tl.constexpr):
+                        FAST_MATH: tl.constexpr, SEED_PTR: tl.constexpr):
     """One partial sum of (pred - eps)^2 or |pred - eps| per program; the host adds them in order."""
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
-    k0, k1, o0, o1 = _rng_key(k0, k1, o0, o1)
+    k0, k1, o0, o1 = _rng_key(k0, k1, o0, o1, SEED_PTR)
     eps = _normal_tile(k0, k1, o0, o1, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4),
                        BLOCK_C, BLOCK_S, FAST_MATH)
     p = tl.load(p_ptr + n * spn + c[:, None] * spc + s[None, :] * sps, mask=mask, other=0.0).to(tl.float32)
@@ -156,10 +162,10 @@ def eps_loss_fwd_kernel(p_ptr, part_ptr, C, S, SQ, k0, k1, o0, o1, spn, spc, sps
 def eps_loss_bwd_kernel(p_ptr, g_ptr, dp_ptr, scale, C, S, SQ, k0, k1, o0, o1,
                         spn, spc, sps, son, soc, sos,
                         L1: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                        FAST_MATH: tl.constexpr):
+                        FAST_MATH: tl.constexpr, SEED_PTR: tl.constexpr):
     """dpred = g * scale * (2 (pred - eps) | sign(pred - eps)); eps drawn again, never stored."""
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
-    k0, k1, o0, o1 = _rng_key(k0, k1, o0, o1)
+    k0, k1, o0, o1 = _rng_key(k0, k1, o0, o1, SEED_PTR)
     eps = _normal_tile(k0, k1, o0, o1, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4),
                        BLOCK_C, BLOCK_S, FAST_MATH)
     p = tl.load(p_ptr + n * spn + c[:, None] * spc + s[None, :] * sps, mask=mask, other=0.0).to(tl.float32)
@@ -186,7 +192,7 @@ def ddpm_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, tp_ptr, abar_ptr, T,
                      sxn, sxc, sxs, seun, seuc, seus, secn, secc, secs, son, soc, sos,
                      CFG: tl.constexpr, CLIP: tl.constexpr, LARGE_VAR: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                     FAST_MATH: tl.constexpr):
+                     FAST_MATH: tl.constexpr, SEED_PTR: tl.constexpr):
     """Ancestral step t -> t_prev (t - 1, or a strided step; < 0: the last, noiseless step):
     posterior mean from x0_hat (optionally clipped) + sigma z."""
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
@@ -211,7 +217,7 @@ def ddpm_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, tp_ptr, abar_ptr, T,
         x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
     out = m1 * x0 + m2 * x
     if tp >= 0:  # the last step adds no noise
-        r0, r1, r2, r3 = _rng_key(k0, k1, o0, o1)
+        r0, r1, r2, r3 = _rng_key(k0, k1, o0, o1, SEED_PTR)
         z = _normal_tile(r0, r1, r2, r3, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4),
                          BLOCK_C, BLOCK_S, FAST_MATH)
         out = out + sigma * z
@@ -222,7 +228,7 @@ def ddpm_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, tp_ptr, abar_ptr, T,
 def ddim_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, tp_ptr, abar_ptr, T, scale, eta, C, S, SQ,
                      k0, k1, o0, o1, sxn, sxc, sxs, seun, seuc, seus, secn, secc, secs, son, soc, sos,
                      CFG: tl.constexpr, CLIP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                     FAST_MATH: tl.constexpr):
+                     FAST_MATH: tl.constexpr, SEED_PTR: tl.constexpr):
     """DDIM step t -> t_prev (t_prev < 0 means abar = 1): sqrt(a') x0 + sqrt(1 - a' - sig^2) eps + sig z.
     With CLIP, x0 is clamped and eps recomputed from it, so that the two stay consistent."""
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
@@ -243,7 +249,7 @@ def ddim_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, tp_ptr, abar_ptr, T,
         eps = (x - tl.sqrt(a_t).to(tl.float32) * x0) * (1.0 / tl.sqrt(1.0 - a_t)).to(tl.float32)
     out = c_x0 * x0 + c_dir * eps
     if sigma > 0:
-        r0, r1, r2, r3 = _rng_key(k0, k1, o0, o1)
+        r0, r1, r2, r3 = _rng_key(k0, k1, o0, o1, SEED_PTR)
         z = _normal_tile(r0, r1, r2, r3, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4),
                          BLOCK_C, BLOCK_S, FAST_MATH)
         out = out + sigma * z

@@ -39,8 +39,9 @@ def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32(counter: tuple[torch.Tensor, ...], key: tuple[int, int], rounds: int = ROUNDS) -> tuple[torch.Tensor, ...]:
-    """Philox4x32 on int64 tensors holding uint32 words; returns the four output words."""
+def philox4x32(counter: tuple[torch.Tensor, ...], key: tuple, rounds: int = ROUNDS) -> tuple[torch.Tensor, ...]:
+    """Philox4x32 on int64 tensors holding uint32 words (the key: ints or 0-d int64 tensors);
+    returns the four output words."""
     c0, c1, c2, c3 = counter
     k0, k1 = key
     for _ in range(rounds):
@@ -51,13 +52,29 @@ def philox4x32(counter: tuple[torch.Tensor, ...], key: tuple[int, int], rounds: 
     return c0, c1, c2, c3
 
 
-def check_seed_offset(seed: int, offset: int) -> None:
+def check_seed_offset(seed: int | torch.Tensor, offset: int) -> None:
+    """Seeds and offsets lie in [0, 2**63). A seed may also be an integer tensor of one element,
+    read where the draws are made (see kernels/noise.py: a CUDA graph replays the kernels with
+    whatever the tensor holds then); its value is checked only where that is free (a CPU tensor,
+    outside torch.compile's tracing); on a GPU its 64 bits are used as they are."""
+    if torch.is_tensor(seed):
+        if seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool or seed.numel() != 1:
+            raise ValueError(f"a seed tensor must hold one integer; got shape {tuple(seed.shape)} {seed.dtype}")
+        if seed.device.type != "cpu" or torch.compiler.is_compiling():
+            seed = 0
     for name, v in (("seed", seed), ("offset", offset)):
         if not 0 <= int(v) < 2**63:
-            raise ValueError(f"{name} must lie in [0, 2**63); got {v}")
+            raise ValueError(f"{name} must lie in [0, 2**63); got {int(v)}")
 
 
-def normal_ncs(n: int, c: int, s: int, seed: int, offset: int, dtype: torch.dtype,
+def _key(seed: int | torch.Tensor, device: torch.device | str) -> tuple:
+    """Philox's key words: ints, or int64 0-d tensors for a seed tensor (no host read: no sync)."""
+    if torch.is_tensor(seed):
+        seed = seed.to(device=device, dtype=torch.int64).reshape(())
+    return seed & MASK32, (seed >> 32) & MASK32
+
+
+def normal_ncs(n: int, c: int, s: int, seed: int | torch.Tensor, offset: int, dtype: torch.dtype,
                device: torch.device | str = "cpu") -> torch.Tensor:
     """The normal draws of an [n, c, s] tensor, contiguous, computed in float64 then cast."""
     check_seed_offset(seed, offset)
@@ -65,7 +82,7 @@ def normal_ncs(n: int, c: int, s: int, seed: int, offset: int, dtype: torch.dtyp
     q = torch.arange(n * c * quads, dtype=torch.int64, device=device)
     zero = torch.zeros_like(q)
     counter = (q & MASK32, q >> 32, zero + (offset & MASK32), zero + ((offset >> 32) & MASK32))
-    words = philox4x32(counter, (seed & MASK32, (seed >> 32) & MASK32))
+    words = philox4x32(counter, _key(seed, device))
     u = [((w >> 9).to(torch.float64) + 0.5) * 2.0**-23 for w in words]
     r0, r1 = torch.sqrt(-2.0 * torch.log(u[0])), torch.sqrt(-2.0 * torch.log(u[2]))
     t0, t1 = (2.0 * math.pi) * u[1], (2.0 * math.pi) * u[3]
@@ -73,7 +90,7 @@ def normal_ncs(n: int, c: int, s: int, seed: int, offset: int, dtype: torch.dtyp
     return normals.reshape(n, c, quads * 4)[:, :, :s].to(dtype)
 
 
-def normal_like_reference(shape: torch.Size | tuple[int, ...], seed: int, offset: int,
+def normal_like_reference(shape: torch.Size | tuple[int, ...], seed: int | torch.Tensor, offset: int,
                           dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
     """Draws for a tensor of ``shape`` ([N, C, *]), contiguous NCHW."""
     if len(shape) < 2:

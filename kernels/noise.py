@@ -9,6 +9,11 @@ Conventions shared by every function (DDPM, Ho et al. 2020; DDIM, Song et al. 20
   format: bit for bit within one backend (what regenerating eps in the loss relies on), and to
   ~1e-6 across backends (a GPU's log/cos are not correctly rounded); use a new offset (e.g. the
   step number) for each new draw.
+* ``seed`` may also be an integer tensor of one element on the tensors' device: the kernels read
+  it when they run, not when they are launched, so a CUDA graph that captured them draws anew on
+  each replay after the seed tensor changes (e.g. ``torch.randint(0, 2**62, (1,), device="cuda")``
+  inside the captured step), and torch.compile sees a tensor input instead of a new constant per
+  call. Its value is the int seed's (same draws); it is range-checked only on the CPU.
 * Outputs keep the dtype and memory format of the first tensor argument; arithmetic is fp32
   (fp64 for fp64 inputs), schedule coefficients are computed in fp64.
 CUDA tensors run the Triton kernels (one pass over memory each), anything else the eager
@@ -72,19 +77,24 @@ def _as_layout_of(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _draws(like: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+def _draws(like: torch.Tensor, seed: int | torch.Tensor, offset: int) -> torch.Tensor:
     return normal_like_reference(like.shape, seed, offset, _compute_dtype(like), like.device)
+
+
+def _seed(seed: int | torch.Tensor) -> int | torch.Tensor:
+    """An int seed as a Python int (numpy integers too), a seed tensor as it is."""
+    return seed if torch.is_tensor(seed) else int(seed)
 
 
 # ----------------------------------------------------------------------------- public API
 
 
-def philox_normal(like: torch.Tensor, seed: int, offset: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def philox_normal(like: torch.Tensor, seed: int | torch.Tensor, offset: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The eps that q_sample / eps_loss draw for a tensor shaped like ``like`` (same layout)."""
     _check_like(like)
     check_seed_offset(seed, offset)
     if use_triton(like) and dtype != torch.float64:
-        return _noise_ops.call_philox_normal(like, int(seed), int(offset), dtype)
+        return _noise_ops.call_philox_normal(like, _seed(seed), int(offset), dtype)
     out = torch.empty_like(like, dtype=dtype)
     out.copy_(normal_like_reference(like.shape, seed, offset, torch.float64 if dtype == torch.float64 else torch.float32,
                                     like.device))
@@ -92,21 +102,21 @@ def philox_normal(like: torch.Tensor, seed: int, offset: int = 0, dtype: torch.d
 
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor | int, alphas_cumprod: torch.Tensor,
-             noise: torch.Tensor | None = None, *, seed: int = 0, offset: int = 0) -> torch.Tensor:
+             noise: torch.Tensor | None = None, *, seed: int | torch.Tensor = 0, offset: int = 0) -> torch.Tensor:
     """x_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) eps; eps = ``noise`` if given, else drawn at (seed, offset)."""
     _check_like(x0, noise=noise)
     check_seed_offset(seed, offset)
     abar = _table(alphas_cumprod, x0.device)
     t = _steps(t, x0.shape[0], x0.device, abar.shape[0])
     if use_triton(x0, noise) and x0.dtype != torch.float64:
-        return _noise_ops.call_q_sample(x0, noise, t, abar, int(seed), int(offset))
+        return _noise_ops.call_q_sample(x0, noise, t, abar, _seed(seed), int(offset))
     a = abar[t]
     eps = noise.to(_compute_dtype(x0)) if noise is not None else _draws(x0, seed, offset)
     xt = _per_sample(torch.sqrt(a), x0) * x0.to(eps.dtype) + _per_sample(torch.sqrt(1.0 - a), x0) * eps
     return _as_layout_of(xt, x0)
 
 
-def eps_loss(pred: torch.Tensor, seed: int, offset: int = 0, kind: str = "l2") -> torch.Tensor:
+def eps_loss(pred: torch.Tensor, seed: int | torch.Tensor, offset: int = 0, kind: str = "l2") -> torch.Tensor:
     """mean((pred - eps)^2) (``kind="l2"``) or mean(|pred - eps|) with eps regenerated from (seed, offset).
 
     eps is the one q_sample drew with the same (seed, offset) for a tensor of pred's shape; it is
@@ -117,7 +127,7 @@ def eps_loss(pred: torch.Tensor, seed: int, offset: int = 0, kind: str = "l2") -
     if kind not in _LOSSES:
         raise ValueError(f"kind must be 'l1' or 'l2'; got {kind!r}")
     if use_triton(pred) and pred.dtype != torch.float64:
-        return _noise_ops.call_eps_loss(pred, int(seed), int(offset), kind == "l1")
+        return _noise_ops.call_eps_loss(pred, _seed(seed), int(offset), kind == "l1")
     d = pred.to(_compute_dtype(pred)) - _draws(pred, seed, offset)
     return d.abs().mean() if kind == "l1" else (d * d).mean()
 
@@ -130,7 +140,7 @@ def _guided(eps: torch.Tensor, eps_cond: torch.Tensor | None, scale: float, cd: 
 def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, alphas_cumprod: torch.Tensor, *,
               t_prev: torch.Tensor | int | None = None, eps_cond: torch.Tensor | None = None,
               guidance_scale: float = 1.0, clip_x0: bool = False, variance: str = "posterior",
-              seed: int = 0, offset: int = 0) -> torch.Tensor:
+              seed: int | torch.Tensor = 0, offset: int = 0) -> torch.Tensor:
     """One ancestral DDPM step t -> t_prev (default t - 1; a larger gap is a respaced step).
 
     eps is the predicted noise; with ``eps_cond`` it is the unconditional prediction and the
@@ -150,7 +160,7 @@ def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, alpha
     t_prev = t - 1 if t_prev is None else _steps(t_prev, x_t.shape[0], x_t.device, abar.shape[0], "t_prev", True)
     if use_triton(x_t, eps, eps_cond) and x_t.dtype != torch.float64:
         return _noise_ops.call_ddpm_step(x_t, eps, eps_cond, float(guidance_scale), t, t_prev, abar, bool(clip_x0),
-                                         variance == "beta", int(seed), int(offset))
+                                         variance == "beta", _seed(seed), int(offset))
     cd = _compute_dtype(x_t)
     a_t = abar[t]
     a_prev = torch.where(t_prev >= 0, abar[t_prev.clamp(min=0)], torch.ones_like(a_t))
@@ -171,7 +181,7 @@ def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, alpha
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, t_prev: torch.Tensor | int,
               alphas_cumprod: torch.Tensor, *, eps_cond: torch.Tensor | None = None,
               guidance_scale: float = 1.0, eta: float = 0.0, clip_x0: bool = False,
-              seed: int = 0, offset: int = 0) -> torch.Tensor:
+              seed: int | torch.Tensor = 0, offset: int = 0) -> torch.Tensor:
     """One DDIM step t -> t_prev (t_prev < 0 means abar = 1, the final step).
 
     x_{t'} = sqrt(abar_t') x0_hat + sqrt(1 - abar_t' - sigma^2) eps + sigma z, with
@@ -188,7 +198,7 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, t_pre
     t, t_prev = _steps(t, n, x_t.device, abar.shape[0]), _steps(t_prev, n, x_t.device, abar.shape[0], "t_prev", True)
     if use_triton(x_t, eps, eps_cond) and x_t.dtype != torch.float64:
         return _noise_ops.call_ddim_step(x_t, eps, eps_cond, float(guidance_scale), t, t_prev, abar, float(eta),
-                                         bool(clip_x0), int(seed), int(offset))
+                                         bool(clip_x0), _seed(seed), int(offset))
     cd = _compute_dtype(x_t)
     a_t = abar[t]
     a_p = torch.where(t_prev >= 0, abar[t_prev.clamp(min=0)], torch.ones_like(a_t))

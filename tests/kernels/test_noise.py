@@ -321,3 +321,102 @@ def test_draws_do_not_depend_on_the_tile(device, monkeypatch):
     for eps, xt in results.values():
         assert torch.equal(eps, results[64][0]) and torch.equal(xt, results[64][1])
     assert rel_err(eps_small_tile, draws(shape, 9, 3)) <= 5e-6
+
+
+# ----------------------------------------------------------------------------- seeds held in tensors
+
+BIG_SEED = 2**40 + 123  # both key words matter
+
+
+def _every_draw(x, abar, seed):
+    """Everything that draws, for one seed (int or tensor): draws, x_t, loss and its gradient, steps."""
+    t = STEPS.to(x.device)
+    pred = x.detach().clone().requires_grad_()
+    loss = kernels.eps_loss(pred, seed, 5)
+    loss.backward()
+    return {
+        "philox_normal": kernels.philox_normal(x, seed, 5),
+        "q_sample": kernels.q_sample(x, t, abar, seed=seed, offset=5),
+        "eps_loss": loss.detach(),
+        "eps_loss grad": pred.grad,
+        "ddpm": kernels.ddpm_step(x, x, t, abar, eps_cond=x.flip(0), guidance_scale=2.0, seed=seed, offset=5),
+        "ddim": kernels.ddim_step(x, x, t, t - 1, abar, eta=0.5, seed=seed, offset=5),
+    }
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_a_seed_tensor_draws_what_its_value_draws(device, poison, monkeypatch, backend):
+    """A seed given as a tensor (int64 [1] or int32 0-d) draws bit for bit what the int draws."""
+    monkeypatch.setenv("GENSCALE_KERNELS", backend)
+    x = make(SHAPE, True, device)
+    abar = abar_table(device)
+    expected = _every_draw(x, abar, BIG_SEED)
+    for seed in (torch.tensor([BIG_SEED], device=device), torch.tensor(77, dtype=torch.int32, device=device)):
+        got = _every_draw(x, abar, seed)
+        wanted = expected if int(seed) == BIG_SEED else _every_draw(x, abar, 77)
+        for name in expected:
+            assert torch.equal(got[name], wanted[name]), name
+    assert rel_err(expected["philox_normal"], draws(SHAPE, BIG_SEED, 5)) <= 5e-6
+
+
+def test_a_seed_tensor_changed_before_the_backward_is_refused(device):
+    """The loss draws eps again from the seed tensor in its backward: a seed changed in between
+    would give the gradient of another draw, so autograd refuses it."""
+    pred = make(SHAPE, False, device).requires_grad_()
+    seed = torch.tensor([9], device=device)
+    loss = kernels.eps_loss(pred, seed, 0)
+    seed.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_seed_tensors_are_checked():
+    x = torch.randn(2, 3, 4, 4)
+    abar = abar_table("cpu")
+    for bad in (torch.tensor([1.0]), torch.tensor([1, 2]), torch.tensor([True])):
+        with pytest.raises(ValueError, match="a seed tensor must hold one integer"):
+            kernels.q_sample(x, 3, abar, seed=bad)
+    with pytest.raises(ValueError, match=r"seed must lie in \[0, 2\*\*63\)"):
+        kernels.eps_loss(x, torch.tensor([-1]))
+
+
+def test_cuda_graph_replays_draw_from_the_seed_tensor(device):
+    """A captured training-step fragment (noising, loss, backward) replays with whatever the seed
+    tensor holds, and each replay equals the uncaptured calls with that seed."""
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need CUDA")
+    x0 = make((4, 3, 16, 16), True, device, torch.bfloat16)
+    abar = abar_table(device)
+    t = torch.tensor([0, 10, 500, 999], device=device)
+    weight = torch.full((1,), 0.5, device=device, requires_grad=True)
+    seed = torch.zeros(1, dtype=torch.int64, device=device)
+
+    def fragment():
+        xt = kernels.q_sample(x0, t, abar, seed=seed, offset=3)
+        loss = kernels.eps_loss(xt * weight, seed, 3)
+        loss.backward()
+        return xt, loss
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up (compiles the kernels) outside the capture
+        fragment()
+    torch.cuda.current_stream(device).wait_stream(side)
+    weight.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        xt_out, loss_out = fragment()
+    results = []
+    for value in (11, BIG_SEED):
+        seed.fill_(value)
+        weight.grad.zero_()
+        graph.replay()
+        torch.cuda.synchronize(device)
+        results.append((xt_out.clone(), loss_out.clone(), weight.grad.clone()))
+    for value, (xt, loss, grad) in zip((11, BIG_SEED), results):
+        w = weight.detach().clone().requires_grad_()
+        ref_xt = kernels.q_sample(x0, t, abar, seed=value, offset=3)
+        ref_loss = kernels.eps_loss(ref_xt * w, value, 3)
+        ref_loss.backward()
+        assert torch.equal(xt, ref_xt) and torch.equal(loss, ref_loss) and torch.equal(grad, w.grad)
+    assert not torch.equal(results[0][0], results[1][0])
