@@ -39,8 +39,13 @@ def _philox(c0, c1, c2, c3, k0, k1):
 
 @triton.jit
 def _uniform(word):
-    # 23 random bits + 1/2: exact in fp32 and strictly inside (0, 1), so log() is finite.
-    return ((word >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+    # ((word >> 9) + 1/2) * 2^-23: 23 random bits + 1/2, strictly inside (0, 1), so log() is finite.
+    # Built from the bits instead of an int -> float conversion: (word >> 9) as the mantissa of a
+    # float in [1, 2) (one shift-and-add), minus (1 - 2^-24). The difference is exact (Sterbenz),
+    # so the uniforms are the same bits as converting and scaling; it saves the conversion and a
+    # multiply per element in the drawing kernels, which are instruction-bound.
+    one_plus = ((word >> 9) + 0x3F800000).to(tl.float32, bitcast=True)
+    return one_plus - 0.99999994039535522
 
 
 @triton.jit
@@ -60,8 +65,10 @@ def _normal_tile(k0, k1, o0, o1, n, c, C, SQ, q0, BLOCK_C: tl.constexpr, BLOCK_S
     zero = c0 * 0
     w0, w1, w2, w3 = _philox(c0, c1, zero + o0, zero + o1, k0, k1)
     if FAST_MATH:
-        r0 = tl.sqrt(-2.0 * libdevice.fast_logf(_uniform(w0)))
-        r1 = tl.sqrt(-2.0 * libdevice.fast_logf(_uniform(w2)))
+        # -2 ln(u) as lg2(u) * (-2 ln 2): fast_logf is lg2.approx times fp32(ln 2), and scaling by -2
+        # commutes with rounding, so folding it into the constant gives the same bits, one multiply less.
+        r0 = tl.sqrt(libdevice.fast_log2f(_uniform(w0)) * -1.3862943649291992)
+        r1 = tl.sqrt(libdevice.fast_log2f(_uniform(w2)) * -1.3862943649291992)
         t0 = 6.283185307179586 * _uniform(w1) - 3.141592653589793
         t1 = 6.283185307179586 * _uniform(w3) - 3.141592653589793
         r0 = -r0
