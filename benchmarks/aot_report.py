@@ -96,6 +96,10 @@ def _launch_all() -> None:
         kernels.ddim_step(x, x, t, t - 1, abar, eps_cond=x, guidance_scale=3.0)
         pred = x.clone().requires_grad_()
         kernels.eps_loss(pred, 1, 2).backward()
+        seed = torch.ones(1, dtype=torch.int64)  # the seed read from memory (SEED_PTR), as under CUDA graphs
+        kernels.q_sample(x, t, abar, seed=seed, offset=2)
+        pred = x.clone().requires_grad_()
+        kernels.eps_loss(pred, seed, 2).backward()
 
 
 def _ptxas(ptx: str) -> str:

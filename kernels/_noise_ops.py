@@ -101,13 +101,16 @@ def fast_math() -> bool:
     return mode == "fast" and not interpreter_active()
 
 
+_SEED_IN_TENSOR, _SEED_IN_ARGS = dict(SEED_PTR=True), dict(SEED_PTR=False)
+
+
 def _rng(seed: int | torch.Tensor, offset: int, device: torch.device) -> tuple[tuple, dict]:
     """The kernels' Philox arguments (k0, k1, o0, o1) and the SEED_PTR constant: a seed tensor is
     passed as a pointer in k0 (int64 on the kernel's device), an int as its two 32-bit words."""
     stream = (offset & MASK32, (offset >> 32) & MASK32)
     if torch.is_tensor(seed):
-        return (seed.to(device=device, dtype=torch.int64).reshape(1), 0, *stream), dict(SEED_PTR=True)
-    return (seed & MASK32, (seed >> 32) & MASK32, *stream), dict(SEED_PTR=False)
+        return (seed.to(device=device, dtype=torch.int64).reshape(1), 0, *stream), _SEED_IN_TENSOR
+    return (seed & MASK32, (seed >> 32) & MASK32, *stream), _SEED_IN_ARGS
 
 
 def normal(like: torch.Tensor, seed: int | torch.Tensor, offset: int, dtype: torch.dtype) -> torch.Tensor:
