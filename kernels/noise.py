@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import _noise_ops
+from kernels import _noise_custom_ops
 from kernels._dispatch import use_triton
 from kernels._philox import check_seed_offset, normal_like_reference
 
@@ -94,7 +94,7 @@ def philox_normal(like: torch.Tensor, seed: int | torch.Tensor, offset: int = 0,
     _check_like(like)
     check_seed_offset(seed, offset)
     if use_triton(like) and dtype != torch.float64:
-        return _noise_ops.call_philox_normal(like, _seed(seed), int(offset), dtype)
+        return _noise_custom_ops.call_philox_normal(like, _seed(seed), int(offset), dtype)
     out = torch.empty_like(like, dtype=dtype)
     out.copy_(normal_like_reference(like.shape, seed, offset, torch.float64 if dtype == torch.float64 else torch.float32,
                                     like.device))
@@ -109,7 +109,7 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor | int, alphas_cumprod: torch.Tens
     abar = _table(alphas_cumprod, x0.device)
     t = _steps(t, x0.shape[0], x0.device, abar.shape[0])
     if use_triton(x0, noise) and x0.dtype != torch.float64:
-        return _noise_ops.call_q_sample(x0, noise, t, abar, _seed(seed), int(offset))
+        return _noise_custom_ops.call_q_sample(x0, noise, t, abar, _seed(seed), int(offset))
     a = abar[t]
     eps = noise.to(_compute_dtype(x0)) if noise is not None else _draws(x0, seed, offset)
     xt = _per_sample(torch.sqrt(a), x0) * x0.to(eps.dtype) + _per_sample(torch.sqrt(1.0 - a), x0) * eps
@@ -127,7 +127,7 @@ def eps_loss(pred: torch.Tensor, seed: int | torch.Tensor, offset: int = 0, kind
     if kind not in _LOSSES:
         raise ValueError(f"kind must be 'l1' or 'l2'; got {kind!r}")
     if use_triton(pred) and pred.dtype != torch.float64:
-        return _noise_ops.call_eps_loss(pred, _seed(seed), int(offset), kind == "l1")
+        return _noise_custom_ops.call_eps_loss(pred, _seed(seed), int(offset), kind == "l1")
     d = pred.to(_compute_dtype(pred)) - _draws(pred, seed, offset)
     return d.abs().mean() if kind == "l1" else (d * d).mean()
 
@@ -159,7 +159,7 @@ def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, alpha
     t = _steps(t, x_t.shape[0], x_t.device, abar.shape[0])
     t_prev = t - 1 if t_prev is None else _steps(t_prev, x_t.shape[0], x_t.device, abar.shape[0], "t_prev", True)
     if use_triton(x_t, eps, eps_cond) and x_t.dtype != torch.float64:
-        return _noise_ops.call_ddpm_step(x_t, eps, eps_cond, float(guidance_scale), t, t_prev, abar, bool(clip_x0),
+        return _noise_custom_ops.call_ddpm_step(x_t, eps, eps_cond, float(guidance_scale), t, t_prev, abar, bool(clip_x0),
                                          variance == "beta", _seed(seed), int(offset))
     cd = _compute_dtype(x_t)
     a_t = abar[t]
@@ -197,7 +197,7 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, t_pre
     abar = _table(alphas_cumprod, x_t.device)
     t, t_prev = _steps(t, n, x_t.device, abar.shape[0]), _steps(t_prev, n, x_t.device, abar.shape[0], "t_prev", True)
     if use_triton(x_t, eps, eps_cond) and x_t.dtype != torch.float64:
-        return _noise_ops.call_ddim_step(x_t, eps, eps_cond, float(guidance_scale), t, t_prev, abar, float(eta),
+        return _noise_custom_ops.call_ddim_step(x_t, eps, eps_cond, float(guidance_scale), t, t_prev, abar, float(eta),
                                          bool(clip_x0), _seed(seed), int(offset))
     cd = _compute_dtype(x_t)
     a_t = abar[t]

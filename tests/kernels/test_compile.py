@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import kernels
-from kernels import _group_norm_ops, _noise_ops
+from kernels import _group_norm_ops, _noise_custom_ops
 
 
 class Block(nn.Module):
@@ -77,17 +77,17 @@ def test_custom_op_registrations(device):
     t = torch.tensor([1, 7], device=device)
     abar = torch.linspace(0.99, 0.05, 10, dtype=torch.float64, device=device)
     xd = x.detach()
-    torch.library.opcheck(_noise_ops.q_sample_op, (x, None, t, abar, 3, 4))
-    torch.library.opcheck(_noise_ops.eps_loss_op, (x, 3, 4, False))
-    torch.library.opcheck(_noise_ops.philox_normal_op, (xd, 3, 4, torch.float32))
-    torch.library.opcheck(_noise_ops.ddpm_step_op, (xd, xd, xd, 2.0, t, t - 1, abar, True, False, 3, 4))
-    torch.library.opcheck(_noise_ops.ddim_step_op, (xd, xd, None, 1.0, t, t - 1, abar, 0.5, False, 3, 4))
+    torch.library.opcheck(_noise_custom_ops.q_sample_op, (x, None, t, abar, 3, 4))
+    torch.library.opcheck(_noise_custom_ops.eps_loss_op, (x, 3, 4, False))
+    torch.library.opcheck(_noise_custom_ops.philox_normal_op, (xd, 3, 4, torch.float32))
+    torch.library.opcheck(_noise_custom_ops.ddpm_step_op, (xd, xd, xd, 2.0, t, t - 1, abar, True, False, 3, 4))
+    torch.library.opcheck(_noise_custom_ops.ddim_step_op, (xd, xd, None, 1.0, t, t - 1, abar, 0.5, False, 3, 4))
     seed = torch.tensor([2**40 + 3], device=device)  # the seed as a tensor (seed_t)
-    torch.library.opcheck(_noise_ops.q_sample_op, (x, None, t, abar, 0, 4, seed))
-    torch.library.opcheck(_noise_ops.eps_loss_op, (x, 0, 4, True, seed))
-    torch.library.opcheck(_noise_ops.philox_normal_op, (xd, 0, 4, torch.bfloat16, seed))
-    torch.library.opcheck(_noise_ops.ddpm_step_op, (xd, xd, None, 1.0, t, t - 1, abar, False, True, 0, 4, seed))
-    torch.library.opcheck(_noise_ops.ddim_step_op, (xd, xd, xd, 2.0, t, t - 1, abar, 1.0, True, 0, 4, seed))
+    torch.library.opcheck(_noise_custom_ops.q_sample_op, (x, None, t, abar, 0, 4, seed))
+    torch.library.opcheck(_noise_custom_ops.eps_loss_op, (x, 0, 4, True, seed))
+    torch.library.opcheck(_noise_custom_ops.philox_normal_op, (xd, 0, 4, torch.bfloat16, seed))
+    torch.library.opcheck(_noise_custom_ops.ddpm_step_op, (xd, xd, None, 1.0, t, t - 1, abar, False, True, 0, 4, seed))
+    torch.library.opcheck(_noise_custom_ops.ddim_step_op, (xd, xd, xd, 2.0, t, t - 1, abar, 1.0, True, 0, 4, seed))
 
 
 @pytest.mark.parametrize("backend", ["triton", "eager"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import _group_norm_ops, _noise_ops
+from kernels import _group_norm_ops, _noise_custom_ops, _noise_ops
 from kernels._dispatch import use_triton
 
 
@@ -85,9 +85,9 @@ def test_direct_calls_equal_the_custom_ops(device):
             loss = kernels.eps_loss(xt, 4, 5)
             step = kernels.ddpm_step(x, dy, t, abar, seed=1, offset=2)
         else:
-            xt = _noise_ops.q_sample_op(x0, None, t, abar, 4, 5)
-            loss = _noise_ops.eps_loss_op(xt, 4, 5, False)
-            step = _noise_ops.ddpm_step_op(x, dy, None, 1.0, t, t - 1, abar, False, False, 1, 2)
+            xt = _noise_custom_ops.q_sample_op(x0, None, t, abar, 4, 5)
+            loss = _noise_custom_ops.eps_loss_op(xt, 4, 5, False)
+            step = _noise_custom_ops.ddpm_step_op(x, dy, None, 1.0, t, t - 1, abar, False, False, 1, 2)
         loss.backward()
         results.append([y, xs.grad, ws.grad, bs.grad, xt, loss, x0.grad, step])
     for direct, op in zip(*results):
