@@ -158,3 +158,24 @@ def test_family_grid_and_warning_reach_the_run_folder(tmp_path, capsys):
     assert [r["step"] for r in rows if r["kind"] == "warning"] == [2, 4]
     captured = capsys.readouterr()
     assert "warning at step 2: discriminator wins outright" in captured.out + captured.err
+
+
+def test_ema_update_equals_the_per_tensor_formula_bit_for_bit():
+    """The multi-tensor update gives the same bits as s.lerp_(p, 1 - d) tensor by tensor, for
+    every parameter of a real network (several shapes), and copies buffers (BatchNorm stats)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(6, 2))
+    ema = EMA({"m": net}, decay=0.9)
+    reference = [p.detach().clone() for p in net.parameters()]
+    for k in range(4):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+            net[1].running_mean.add_(1.0)
+        d = min(0.9, (1 + k) / (10 + k))
+        for r, p in zip(reference, net.parameters()):
+            r.lerp_(p.detach(), 1.0 - d)
+        ema.update({"m": net})
+    for r, s in zip(reference, ema.nets["m"].parameters()):
+        assert torch.equal(r, s)
+    assert torch.equal(ema.nets["m"][1].running_mean, net[1].running_mean)
