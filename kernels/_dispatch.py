@@ -127,7 +127,16 @@ def env_values(names: tuple[str, ...]) -> tuple:
     return tuple([get(name) for name in names])
 
 
-def env_int(name: str, default: int) -> int:
-    """An integer tuning override from the environment (used by tests and the tuning sweep)."""
+def env_int(name: str, default: int, power_of_two: bool = False) -> int:
+    """An integer tuning override from the environment (used by tests and the tuning sweep); a
+    positive power of two where it sets a block shape (Triton's aranges need one)."""
     raw = os.environ.get(name, "").strip()
-    return int(raw) if raw else default
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer; got {raw!r}") from None
+    if power_of_two and (value < 1 or value & (value - 1)):
+        raise ValueError(f"{name} must be a positive power of two; got {value}")
+    return value

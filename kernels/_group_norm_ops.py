@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from kernels._autograd import first_order_only
 from kernels._dispatch import compiling, env_int, env_values, sm_count
 from kernels._launch import direct_launch, launch
 
@@ -91,7 +92,7 @@ def make_plan(x: torch.Tensor, num_groups: int, x_strides: tuple[int, int, int],
             group_block *= 2
         while group_block > 1 and n * _cdiv(num_groups, group_block) < sms:
             group_block //= 2
-    group_block = env_int("GENSCALE_GN_GROUP_BLOCK", group_block)  # a power of two (tuning)
+    group_block = env_int("GENSCALE_GN_GROUP_BLOCK", group_block, power_of_two=True)  # a power of two (tuning)
     block_cg = _pow2(cg)
     if backward:
         limit = env_int("GENSCALE_GN_FUSED_MAX_BWD", FUSED_MAX_BWD)
@@ -100,9 +101,9 @@ def make_plan(x: torch.Tensor, num_groups: int, x_strides: tuple[int, int, int],
     enough = n * _cdiv(num_groups, group_block) >= sms
     if forced in ("fused", "looped") or (not forced and enough):
         single = group_block * block_cg * _pow2(s) <= limit and forced != "looped"
-        loop_tile = env_int("GENSCALE_GN_LOOP_TILE", LOOP_TILE)
+        loop_tile = env_int("GENSCALE_GN_LOOP_TILE", LOOP_TILE, power_of_two=True)
         block_s = _pow2(s) if single else max(1, min(_pow2(s), loop_tile // (group_block * block_cg)))
-        block_s = block_s if single else env_int("GENSCALE_GN_BLOCK_S", block_s)
+        block_s = block_s if single else env_int("GENSCALE_GN_BLOCK_S", block_s, power_of_two=True)
         elems = group_block * block_cg * block_s
         warps = min(16, max(4, elems // 512))
         stages = 1 if single else env_int("GENSCALE_GN_LOOP_STAGES", 1)
@@ -115,8 +116,8 @@ def make_plan(x: torch.Tensor, num_groups: int, x_strides: tuple[int, int, int],
         block_s = min(_pow2(s), 1024)
         block_c = min(_pow2(c), max(1, SPLIT_TILE // block_s))
     # Overrides (powers of two) let tests exercise multi-tile loops and channel blocks at tiny shapes.
-    block_s = env_int("GENSCALE_GN_BLOCK_S", block_s)
-    block_c = env_int("GENSCALE_GN_BLOCK_C", block_c)
+    block_s = env_int("GENSCALE_GN_BLOCK_S", block_s, power_of_two=True)
+    block_c = env_int("GENSCALE_GN_BLOCK_C", block_c, power_of_two=True)
     c_blocks = _cdiv(c, block_c)
     tiles = _cdiv(s, block_s)
     split = env_int("GENSCALE_GN_SPLIT", 0) or _cdiv(4 * sms, n * c_blocks)
@@ -379,7 +380,10 @@ class _Direct(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         dx, dbdw = backward(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.act)
-        return _input_grads(dx, dbdw, weight, bias)
+        grads = _input_grads(dx, dbdw, weight, bias)
+        if torch.is_grad_enabled():  # create_graph=True: a second order through the kernels must fail
+            grads = tuple(first_order_only(g, dy, x, weight, bias) for g in grads)
+        return grads
 
 
 def group_norm_silu(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],

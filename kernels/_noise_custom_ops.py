@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from kernels._autograd import first_order_only
 from kernels._dispatch import compiling
 from kernels._group_norm_ops import ncs_strides
 from kernels import _noise_ops as launchers  # looked up per call, so tests can swap a launcher
@@ -167,7 +168,8 @@ class _EpsLossDirect(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         pred, seed = _loss_saved(ctx)
-        return launchers.eps_loss_backward(grad, pred, seed, ctx.offset, ctx.l1), None, None, None
+        dpred = launchers.eps_loss_backward(grad, pred, seed, ctx.offset, ctx.l1)
+        return first_order_only(dpred, grad, pred), None, None, None
 
 
 def call_philox_normal(like, seed, offset, dtype):

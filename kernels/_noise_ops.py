@@ -146,14 +146,15 @@ def eps_loss(pred: torch.Tensor, seed: int | torch.Tensor, offset: int, l1: bool
     from kernels import _noise_triton as k
 
     pred, lay = _launch_view(pred, draws=True)
+    if pred.numel() == 0:  # the mean of nothing, as torch's mean (the reference) gives it
+        return torch.full((), float("nan"), device=pred.device, dtype=torch.float32)
     grid = lay.grid
     part = torch.empty(grid[0] * grid[1] * grid[2], device=pred.device, dtype=torch.float32)
-    if pred.numel():
-        rng, seed_ptr = _rng(seed, offset, pred.device)
-        k.eps_loss_fwd_kernel[grid](pred, part, lay.c, lay.s, _cdiv(lay.s, 4), *rng, *lay.strides,
-                                    L1=l1, enable_fp_fusion=False, **seed_ptr, **lay.meta)
+    rng, seed_ptr = _rng(seed, offset, pred.device)
+    k.eps_loss_fwd_kernel[grid](pred, part, lay.c, lay.s, _cdiv(lay.s, 4), *rng, *lay.strides,
+                                L1=l1, enable_fp_fusion=False, **seed_ptr, **lay.meta)
     # Partial sums added in a fixed order (fp64): deterministic and accurate.
-    return part.sum(dtype=torch.float64).div_(max(1, pred.numel())).to(torch.float32)
+    return part.sum(dtype=torch.float64).div_(pred.numel()).to(torch.float32)
 
 
 def eps_loss_backward(grad: torch.Tensor, pred: torch.Tensor, seed: int | torch.Tensor, offset: int,

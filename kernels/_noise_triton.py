@@ -114,6 +114,22 @@ def _rng_key(k0, k1, o0, o1, SEED_PTR: tl.constexpr):
     return k0.to(tl.uint32), k1.to(tl.uint32), o0.to(tl.uint32), o1.to(tl.uint32)
 
 
+@triton.jit
+def _clip(x0):
+    """x0 clamped to [-1, 1] with NaN kept (Triton's min/max drop it by default; torch.clamp, the
+    reference, keeps it): a diverged model's NaN must not turn into a plausible sample."""
+    return tl.minimum(tl.maximum(x0, -1.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
+                      propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _abar_prev(abar_ptr, t, tp, T):
+    """abar[t_prev] in fp64: 1 for the final step (t_prev < 0), NaN where t_prev > t (a step towards
+    more noise) or t_prev >= T, as in the reference."""
+    a = tl.where(tp >= 0, _abar_at(abar_ptr, tp, T), 1.0)
+    return tl.where(tp > t, float("nan"), a)
+
+
 @triton.jit(do_not_specialize=_RNG_ARGS)
 def normal_kernel(out_ptr, C, S, SQ, k0, k1, o0, o1, son, soc, sos,
                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -203,9 +219,10 @@ def ddpm_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, tp_ptr, abar_ptr, T,
     """Ancestral step t -> t_prev (t - 1, or a strided step; < 0: the last, noiseless step):
     posterior mean from x0_hat (optionally clipped) + sigma z."""
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
-    a_t = _abar_at(abar_ptr, tl.load(t_ptr + n), T)
+    t = tl.load(t_ptr + n)
+    a_t = _abar_at(abar_ptr, t, T)
     tp = tl.load(tp_ptr + n)
-    a_prev = tl.where(tp >= 0, _abar_at(abar_ptr, tp, T), 1.0)
+    a_prev = _abar_prev(abar_ptr, t, tp, T)
     alpha = a_t / a_prev
     beta = 1.0 - alpha
     cx = (1.0 / tl.sqrt(a_t)).to(tl.float32)
@@ -216,12 +233,12 @@ def ddpm_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, tp_ptr, abar_ptr, T,
         var = beta
     else:
         var = beta * (1.0 - a_prev) / (1.0 - a_t)
-    sigma = tl.sqrt(tl.maximum(var, 0.0)).to(tl.float32)
+    sigma = tl.sqrt(tl.maximum(var, 0.0, propagate_nan=tl.PropagateNan.ALL)).to(tl.float32)
     x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
     eps = _guided_eps(eu_ptr, ec_ptr, scale, n, c, s, mask, seun, seuc, seus, secn, secc, secs, CFG)
     x0 = cx * x - ce * eps
     if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+        x0 = _clip(x0)
     out = m1 * x0 + m2 * x
     if tp >= 0:  # the last step adds no noise
         r0, r1, r2, r3 = _rng_key(k0, k1, o0, o1, SEED_PTR)
@@ -239,20 +256,21 @@ def ddim_step_kernel(x_ptr, eu_ptr, ec_ptr, out_ptr, t_ptr, tp_ptr, abar_ptr, T,
     """DDIM step t -> t_prev (t_prev < 0 means abar = 1): sqrt(a') x0 + sqrt(1 - a' - sig^2) eps + sig z.
     With CLIP, x0 is clamped and eps recomputed from it, so that the two stay consistent."""
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
-    a_t = _abar_at(abar_ptr, tl.load(t_ptr + n), T)
+    t = tl.load(t_ptr + n)
+    a_t = _abar_at(abar_ptr, t, T)
     tp = tl.load(tp_ptr + n)
-    a_p = tl.where(tp >= 0, _abar_at(abar_ptr, tp, T), 1.0)
+    a_p = _abar_prev(abar_ptr, t, tp, T)
     sig = eta * tl.sqrt((1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p))
     cx = (1.0 / tl.sqrt(a_t)).to(tl.float32)
     ce = tl.sqrt((1.0 - a_t) / a_t).to(tl.float32)
     c_x0 = tl.sqrt(a_p).to(tl.float32)
-    c_dir = tl.sqrt(tl.maximum(1.0 - a_p - sig * sig, 0.0)).to(tl.float32)
+    c_dir = tl.sqrt(tl.maximum(1.0 - a_p - sig * sig, 0.0, propagate_nan=tl.PropagateNan.ALL)).to(tl.float32)
     sigma = sig.to(tl.float32)
     x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
     eps = _guided_eps(eu_ptr, ec_ptr, scale, n, c, s, mask, seun, seuc, seus, secn, secc, secs, CFG)
     x0 = cx * x - ce * eps
     if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+        x0 = _clip(x0)
         eps = (x - tl.sqrt(a_t).to(tl.float32) * x0) * (1.0 / tl.sqrt(1.0 - a_t)).to(tl.float32)
     out = c_x0 * x0 + c_dir * eps
     if sigma > 0:

@@ -21,6 +21,7 @@ Philox reference: Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -52,19 +53,34 @@ def philox4x32(counter: tuple[torch.Tensor, ...], key: tuple, rounds: int = ROUN
     return c0, c1, c2, c3
 
 
-def check_seed_offset(seed: int | torch.Tensor, offset: int) -> None:
-    """Seeds and offsets lie in [0, 2**63). A seed may also be an integer tensor of one element,
-    read where the draws are made (see kernels/noise.py: a CUDA graph replays the kernels with
-    whatever the tensor holds then); its value is checked only where that is free (a CPU tensor,
-    outside torch.compile's tracing); on a GPU its 64 bits are used as they are."""
+def check_seed_offset(seed: int | torch.Tensor, offset: int) -> tuple[int | torch.Tensor, int]:
+    """Seeds and offsets lie in [0, 2**63); returns them as Python ints (a seed tensor as it is).
+    A seed may also be an integer tensor of one element, read where the draws are made (see
+    kernels/noise.py: a CUDA graph replays the kernels with whatever the tensor holds then); its
+    value is checked only where that is free (a CPU tensor, outside torch.compile's tracing); on a
+    GPU its 64 bits are used as they are."""
+    offset = _integer("offset", offset)
     if torch.is_tensor(seed):
         if seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool or seed.numel() != 1:
             raise ValueError(f"a seed tensor must hold one integer; got shape {tuple(seed.shape)} {seed.dtype}")
-        if seed.device.type != "cpu" or torch.compiler.is_compiling():
-            seed = 0
-    for name, v in (("seed", seed), ("offset", offset)):
-        if not 0 <= int(v) < 2**63:
-            raise ValueError(f"{name} must lie in [0, 2**63); got {int(v)}")
+        checked = 0 if seed.device.type != "cpu" or torch.compiler.is_compiling() else int(seed)
+    else:
+        seed = checked = _integer("seed", seed)
+    for name, v in (("seed", checked), ("offset", offset)):
+        if not 0 <= v < 2**63:
+            raise ValueError(f"{name} must lie in [0, 2**63); got {v}")
+    return seed, offset
+
+
+def _integer(name: str, value) -> int:
+    """``value`` as an int when it is one (numpy integers too); floats, strings, bools and tensors
+    are refused rather than truncated or parsed, which would silently draw another stream."""
+    if isinstance(value, bool) or torch.is_tensor(value):
+        raise TypeError(f"{name} must be an integer; got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer; got {value!r} ({type(value).__name__})") from None
 
 
 def _key(seed: int | torch.Tensor, device: torch.device | str) -> tuple:
@@ -77,7 +93,7 @@ def _key(seed: int | torch.Tensor, device: torch.device | str) -> tuple:
 def normal_ncs(n: int, c: int, s: int, seed: int | torch.Tensor, offset: int, dtype: torch.dtype,
                device: torch.device | str = "cpu") -> torch.Tensor:
     """The normal draws of an [n, c, s] tensor, contiguous, computed in float64 then cast."""
-    check_seed_offset(seed, offset)
+    seed, offset = check_seed_offset(seed, offset)
     quads = -(-s // 4)
     q = torch.arange(n * c * quads, dtype=torch.int64, device=device)
     zero = torch.zeros_like(q)

@@ -6,6 +6,9 @@ and memory format, so a bf16 activation with fp32 parameters works without autoc
 """
 from __future__ import annotations
 
+import math
+import operator
+
 import torch
 import torch.nn.functional as F
 
@@ -21,7 +24,12 @@ _ACTIVATIONS = ("silu", None)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-           num_groups: int, activation: str | None) -> None:
+           num_groups: int, eps: float, activation: str | None) -> None:
+    if isinstance(num_groups, bool) or not hasattr(type(num_groups), "__index__") or torch.is_tensor(num_groups):
+        raise TypeError(f"num_groups must be an integer; got {num_groups!r}")
+    num_groups = operator.index(num_groups)
+    if isinstance(eps, bool) or torch.is_tensor(eps) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"GroupNorm eps must be a finite number >= 0; got {eps!r}")
     if x.dim() < 2:
         raise ValueError(f"GroupNorm needs an input of shape [N, C, ...]; got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -32,8 +40,14 @@ def _check(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
             f"GroupNorm needs channels divisible by groups: got C={channels}, num_groups={num_groups}"
         )
     for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and tuple(p.shape) != (channels,):
+        if p is None:
+            continue
+        if tuple(p.shape) != (channels,):
             raise ValueError(f"GroupNorm {name} must have shape ({channels},); got {tuple(p.shape)}")
+        if not p.is_floating_point():
+            raise ValueError(f"GroupNorm {name} must be a floating tensor; got {p.dtype}")
+        if p.device != x.device:
+            raise ValueError(f"GroupNorm {name} is on {p.device} but the input is on {x.device}")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected 'silu' or None")
 
@@ -55,7 +69,9 @@ def group_norm_silu_reference(
     activation: str | None = "silu",
 ) -> torch.Tensor:
     """Eager PyTorch: ``silu(group_norm(x))`` computed in fp32 (fp64 for fp64 x)."""
-    _check(x, weight, bias, num_groups, activation)
+    _check(x, weight, bias, num_groups, eps, activation)
+    if x.numel() == 0:  # F.group_norm refuses C = 0 or an empty spatial size; the kernels return empty
+        return x * 0  # empty, and still in the autograd graph
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     w = weight.to(compute) if weight is not None else None
     b = bias.to(compute) if bias is not None else None
@@ -80,8 +96,13 @@ def group_norm_silu(
     the Triton kernels (forward and backward), everything else the eager reference; see
     kernels._dispatch for the GENSCALE_KERNELS override.
     """
-    _check(x, weight, bias, num_groups, activation)
+    _check(x, weight, bias, num_groups, eps, activation)
+    num_groups = operator.index(num_groups)
     if use_triton(x, weight, bias) and x.dtype != torch.float64:
+        # The kernels index weight and bias as dense vectors: a strided or expanded one is copied
+        # here (no-op when already dense), where autograd sees the copy.
+        weight = weight.contiguous() if weight is not None else None
+        bias = bias.contiguous() if bias is not None else None
         mode = compile_mode() if compiling() else None
         if mode == "reference":  # Inductor fuses the reference itself (see _dispatch.compile_mode)
             return group_norm_silu_reference(x, weight, bias, num_groups, eps, activation)

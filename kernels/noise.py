@@ -21,6 +21,8 @@ reference below, which is also the oracle of the tests.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kernels import _noise_custom_ops
@@ -39,7 +41,8 @@ def _steps(t: torch.Tensor | int, n: int, device: torch.device, timesteps: int, 
            final_ok: bool = False) -> torch.Tensor:
     """t as int64 [n] on ``device``; with ``final_ok`` (t_prev) negative values mean the final step."""
     t = torch.as_tensor(t)
-    if t.is_floating_point() or t.dim() > 1 or (t.dim() == 1 and t.shape[0] != n):
+    if (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.dim() > 1
+            or (t.dim() == 1 and t.shape[0] != n)):
         raise ValueError(f"{name} must be an int or an integer tensor of shape ({n},); got {tuple(t.shape)} {t.dtype}")
     # Checked where it is free (ints, CPU tensors, outside torch.compile's tracing, where reading a
     # value would break the graph); elsewhere a check would cost a sync, so the Triton kernels give
@@ -54,17 +57,62 @@ def _steps(t: torch.Tensor | int, n: int, device: torch.device, timesteps: int, 
 
 
 def _table(alphas_cumprod: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if alphas_cumprod.dim() != 1:
-        raise ValueError(f"alphas_cumprod must be 1-D; got shape {tuple(alphas_cumprod.shape)}")
-    return alphas_cumprod.to(device=device, dtype=torch.float64)
+    """abar as a dense float64 vector on ``device`` (the kernels index it as one: a strided view,
+    e.g. a respaced ``abar[::2]``, is copied). Its values are checked where that is free."""
+    if alphas_cumprod.dim() != 1 or not alphas_cumprod.is_floating_point():
+        raise ValueError(f"alphas_cumprod must be a 1-D floating tensor; got shape {tuple(alphas_cumprod.shape)} "
+                         f"{alphas_cumprod.dtype}")
+    if alphas_cumprod.device.type == "cpu" and alphas_cumprod.numel() and not torch.compiler.is_compiling():
+        low, high = float(alphas_cumprod.detach().min()), float(alphas_cumprod.detach().max())
+        if not (0.0 <= low and high <= 1.0):  # NaN fails too
+            raise ValueError(f"alphas_cumprod must lie in [0, 1]; got values from {low} to {high}")
+    return alphas_cumprod.to(device=device, dtype=torch.float64).contiguous()
+
+
+def _abar_at(abar: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """abar[t], NaN where t is outside [0, T): what the Triton kernels give for a timestep the host
+    could not check (on the GPU, or while torch.compile traces), instead of indexing from the end."""
+    inside = (t >= 0) & (t < abar.shape[0])
+    return torch.where(inside, abar[t.clamp(0, abar.shape[0] - 1)], torch.full_like(abar[:1], math.nan))
+
+
+def _check_order(t: torch.Tensor, t_prev: torch.Tensor) -> None:
+    """A reverse step goes to less noise: t_prev <= t (checked where free, as in _steps); the
+    kernels and the reference give NaN for a sample whose t_prev > t."""
+    if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():
+        later = t_prev > t
+        if bool(later.any()):
+            i = int(later.nonzero()[0, 0])
+            raise ValueError(f"t_prev must not exceed t (a reverse step removes noise); "
+                             f"got t={int(t[i])}, t_prev={int(t_prev[i])} for sample {i}")
 
 
 def _check_like(x: torch.Tensor, **others: torch.Tensor | None) -> None:
     if x.dim() < 2 or not x.is_floating_point():
         raise ValueError(f"expected a floating tensor [N, C, ...]; got {tuple(x.shape)} {x.dtype}")
     for name, other in others.items():
-        if other is not None and other.shape != x.shape:
+        if other is None:
+            continue
+        if other.shape != x.shape:
             raise ValueError(f"{name} must have shape {tuple(x.shape)}; got {tuple(other.shape)}")
+        if not other.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor; got {other.dtype}")
+        if other.device != x.device:
+            raise ValueError(f"{name} is on {other.device} but the input is on {x.device}")
+
+
+def _finite(name: str, value: float, low: float | None = None) -> float:
+    value = float(value)
+    if not math.isfinite(value) or (low is not None and value < low):
+        bound = f" and >= {low:g}" if low is not None else ""
+        raise ValueError(f"{name} must be a finite number{bound}; got {value}")
+    return value
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd must see this call: the Triton steps have no backward, so such calls take
+    the differentiable reference instead (e.g. guidance that differentiates through a step)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -81,20 +129,18 @@ def _draws(like: torch.Tensor, seed: int | torch.Tensor, offset: int) -> torch.T
     return normal_like_reference(like.shape, seed, offset, _compute_dtype(like), like.device)
 
 
-def _seed(seed: int | torch.Tensor) -> int | torch.Tensor:
-    """An int seed as a Python int (numpy integers too), a seed tensor as it is."""
-    return seed if torch.is_tensor(seed) else int(seed)
-
-
 # ----------------------------------------------------------------------------- public API
 
 
 def philox_normal(like: torch.Tensor, seed: int | torch.Tensor, offset: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The eps that q_sample / eps_loss draw for a tensor shaped like ``like`` (same layout)."""
+    """The eps that q_sample / eps_loss draw for a tensor shaped like ``like`` (same layout), in
+    ``dtype`` (a floating dtype; q_sample on float64 data draws in float64)."""
     _check_like(like)
-    check_seed_offset(seed, offset)
+    seed, offset = check_seed_offset(seed, offset)
+    if not dtype.is_floating_point:
+        raise ValueError(f"philox_normal draws floating-point numbers; got dtype {dtype}")
     if use_triton(like) and dtype != torch.float64:
-        return _noise_custom_ops.call_philox_normal(like, _seed(seed), int(offset), dtype)
+        return _noise_custom_ops.call_philox_normal(like, seed, offset, dtype)
     out = torch.empty_like(like, dtype=dtype)
     out.copy_(normal_like_reference(like.shape, seed, offset, torch.float64 if dtype == torch.float64 else torch.float32,
                                     like.device))
@@ -105,12 +151,12 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor | int, alphas_cumprod: torch.Tens
              noise: torch.Tensor | None = None, *, seed: int | torch.Tensor = 0, offset: int = 0) -> torch.Tensor:
     """x_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) eps; eps = ``noise`` if given, else drawn at (seed, offset)."""
     _check_like(x0, noise=noise)
-    check_seed_offset(seed, offset)
+    seed, offset = check_seed_offset(seed, offset)
     abar = _table(alphas_cumprod, x0.device)
     t = _steps(t, x0.shape[0], x0.device, abar.shape[0])
-    if use_triton(x0, noise) and x0.dtype != torch.float64:
-        return _noise_custom_ops.call_q_sample(x0, noise, t, abar, _seed(seed), int(offset))
-    a = abar[t]
+    if use_triton(x0, noise) and x0.dtype != torch.float64 and not _needs_grad(alphas_cumprod):
+        return _noise_custom_ops.call_q_sample(x0, noise, t, abar, seed, offset)
+    a = _abar_at(abar, t)
     eps = noise.to(_compute_dtype(x0)) if noise is not None else _draws(x0, seed, offset)
     xt = _per_sample(torch.sqrt(a), x0) * x0.to(eps.dtype) + _per_sample(torch.sqrt(1.0 - a), x0) * eps
     return _as_layout_of(xt, x0)
@@ -120,16 +166,23 @@ def eps_loss(pred: torch.Tensor, seed: int | torch.Tensor, offset: int = 0, kind
     """mean((pred - eps)^2) (``kind="l2"``) or mean(|pred - eps|) with eps regenerated from (seed, offset).
 
     eps is the one q_sample drew with the same (seed, offset) for a tensor of pred's shape; it is
-    drawn again in the backward pass instead of being stored. Returns an fp32 scalar.
+    drawn again in the backward pass instead of being stored. Returns a scalar: fp32 (fp64 for
+    fp64 pred); NaN for an empty pred, as torch's mean. First-order gradients only.
     """
     _check_like(pred)
-    check_seed_offset(seed, offset)
+    seed, offset = check_seed_offset(seed, offset)
     if kind not in _LOSSES:
         raise ValueError(f"kind must be 'l1' or 'l2'; got {kind!r}")
     if use_triton(pred) and pred.dtype != torch.float64:
-        return _noise_custom_ops.call_eps_loss(pred, _seed(seed), int(offset), kind == "l1")
+        return _noise_custom_ops.call_eps_loss(pred, seed, offset, kind == "l1")
     d = pred.to(_compute_dtype(pred)) - _draws(pred, seed, offset)
     return d.abs().mean() if kind == "l1" else (d * d).mean()
+
+
+def _previous(abar: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor) -> torch.Tensor:
+    """abar[t_prev]: 1 where t_prev < 0 (the final step), NaN where t_prev > t or t_prev >= T."""
+    a_prev = torch.where(t_prev >= 0, _abar_at(abar, t_prev), torch.ones_like(abar[:1]))
+    return torch.where(t_prev > t, torch.full_like(a_prev, math.nan), a_prev)
 
 
 def _guided(eps: torch.Tensor, eps_cond: torch.Tensor | None, scale: float, cd: torch.dtype) -> torch.Tensor:
@@ -152,18 +205,20 @@ def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, alpha
     or beta (``"beta"``); no noise where t_prev < 0 (the last step returns the mean).
     """
     _check_like(x_t, eps=eps, eps_cond=eps_cond)
-    check_seed_offset(seed, offset)
+    seed, offset = check_seed_offset(seed, offset)
     if variance not in _VARIANCES:
         raise ValueError(f"variance must be 'posterior' or 'beta'; got {variance!r}")
+    guidance_scale = _finite("guidance_scale", guidance_scale)
     abar = _table(alphas_cumprod, x_t.device)
     t = _steps(t, x_t.shape[0], x_t.device, abar.shape[0])
     t_prev = t - 1 if t_prev is None else _steps(t_prev, x_t.shape[0], x_t.device, abar.shape[0], "t_prev", True)
-    if use_triton(x_t, eps, eps_cond) and x_t.dtype != torch.float64:
-        return _noise_custom_ops.call_ddpm_step(x_t, eps, eps_cond, float(guidance_scale), t, t_prev, abar, bool(clip_x0),
-                                         variance == "beta", _seed(seed), int(offset))
+    _check_order(t, t_prev)
+    if use_triton(x_t, eps, eps_cond) and x_t.dtype != torch.float64 and not _needs_grad(x_t, eps, eps_cond):
+        return _noise_custom_ops.call_ddpm_step(x_t, eps, eps_cond, guidance_scale, t, t_prev, abar, bool(clip_x0),
+                                         variance == "beta", seed, offset)
     cd = _compute_dtype(x_t)
-    a_t = abar[t]
-    a_prev = torch.where(t_prev >= 0, abar[t_prev.clamp(min=0)], torch.ones_like(a_t))
+    a_t = _abar_at(abar, t)
+    a_prev = _previous(abar, t, t_prev)
     alpha = a_t / a_prev
     beta = 1.0 - alpha
     var = beta if variance == "beta" else beta * (1.0 - a_prev) / (1.0 - a_t)
@@ -190,18 +245,19 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int, t_pre
     eps = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t), as guided-diffusion does.
     """
     _check_like(x_t, eps=eps, eps_cond=eps_cond)
-    check_seed_offset(seed, offset)
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0; got {eta}")
+    seed, offset = check_seed_offset(seed, offset)
+    eta = _finite("eta", eta, low=0.0)
+    guidance_scale = _finite("guidance_scale", guidance_scale)
     n = x_t.shape[0]
     abar = _table(alphas_cumprod, x_t.device)
     t, t_prev = _steps(t, n, x_t.device, abar.shape[0]), _steps(t_prev, n, x_t.device, abar.shape[0], "t_prev", True)
-    if use_triton(x_t, eps, eps_cond) and x_t.dtype != torch.float64:
-        return _noise_custom_ops.call_ddim_step(x_t, eps, eps_cond, float(guidance_scale), t, t_prev, abar, float(eta),
-                                         bool(clip_x0), _seed(seed), int(offset))
+    _check_order(t, t_prev)
+    if use_triton(x_t, eps, eps_cond) and x_t.dtype != torch.float64 and not _needs_grad(x_t, eps, eps_cond):
+        return _noise_custom_ops.call_ddim_step(x_t, eps, eps_cond, guidance_scale, t, t_prev, abar, eta,
+                                         bool(clip_x0), seed, offset)
     cd = _compute_dtype(x_t)
-    a_t = abar[t]
-    a_p = torch.where(t_prev >= 0, abar[t_prev.clamp(min=0)], torch.ones_like(a_t))
+    a_t = _abar_at(abar, t)
+    a_p = _previous(abar, t, t_prev)
     sigma = eta * torch.sqrt((1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p))
     e = _guided(eps, eps_cond, guidance_scale, cd)
     x = x_t.to(cd)
