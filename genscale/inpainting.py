@@ -51,7 +51,9 @@ def is_diffusion(family) -> bool:
 
 
 def can_inpaint(family) -> bool:
-    return callable(getattr(family, "inpaint", None)) or is_diffusion(family)
+    """Inpainting runs, and pixel-space diffusion through RePaint (masks do not map onto an ldm's latents)."""
+    pixel_diffusion = is_diffusion(family) and getattr(family, "name", "") != "ldm"
+    return callable(getattr(family, "inpaint", None)) or pixel_diffusion
 
 
 def repaint_fill(family, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None,

@@ -13,12 +13,20 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.received: str | None = None
+        self._previous: dict = {}
 
     def install(self) -> None:
         for name in self.SIGNALS:
             sig = getattr(signal, name, None)
             if sig is not None:
-                signal.signal(sig, self._handle)
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        """Give the signals back (once the step loop is over nothing polls the flag: a Ctrl-C
+        during the final measurements must interrupt them, not be recorded and ignored)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal API
         self.received = signal.Signals(signum).name

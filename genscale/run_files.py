@@ -112,7 +112,9 @@ class MetricsLog:
         return rows
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop records newer than the checkpoint so the curve has no duplicate steps."""
+        """Drop records newer than the checkpoint a run starts from, so the curve has no duplicate steps."""
+        if not self.path.exists():
+            return
         rows = [r for r in self.read() if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from genscale.applications.tasks import TASKS, add_task_arguments, run_task
+from genscale.applications.tasks import TASKS, add_task_arguments, run_task, task_flags_given
 from genscale.checkpoints import load_ema_weights
 from genscale.cli import ArgumentParser, check_output_path, run_main
 from genscale.config import RunConfig
@@ -43,6 +43,8 @@ from genscale.run_files import grid_image, save_png, to_uint8
 def load_family(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Family, DataInfo, int]:
     """Rebuild a run's family from config.json with its latest EMA weights."""
     path = Path(run_dir) / "config.json"
+    if not Path(run_dir).exists():
+        raise UserError(f"--run {run_dir} does not exist", exit_code=1)
     if not path.is_file():
         raise UserError(f"{run_dir} is not a genscale run (no config.json)", exit_code=1)
     try:
@@ -172,7 +174,7 @@ def inpaint_task(run_dir: str, images_path: str, masks_path: str, out: str, seed
                  batch_size: int = 250, device: str | None = None, options: dict | None = None) -> list[Path]:
     """``--task inpaint``: fill the holes of IMAGES.npz under MASKS.npz and write ``out``
     (``options``: RePaint's settings for diffusion runs, see genscale.inpainting.inpaint_options)."""
-    from genscale.inpainting import can_inpaint, load_inpainting_inputs, run_inpainting
+    from genscale.inpainting import can_inpaint, is_diffusion, load_inpainting_inputs, run_inpainting
 
     path = Path(out)
     check_out(out)
@@ -184,6 +186,11 @@ def inpaint_task(run_dir: str, images_path: str, masks_path: str, out: str, seed
     if not can_inpaint(family):
         raise UserError(f"the run {run_dir} ({family.name}) cannot fill holes; use an inpainting model "
                         "(inpaint, gan-inpaint, transformer) or a ddpm run (RePaint)")
+    given = [flag for flag, key in (("--labels", "labels"), ("--cfg-scale", "cfg_scale"))
+             if (options or {}).get(key) is not None]
+    if given and not is_diffusion(family):  # RePaint's settings: an inpainting network would ignore them
+        raise UserError(f"{' and '.join(given)} apply to RePaint on diffusion runs; this run's network "
+                        f"({family.name}) fills holes without them")
     filled = run_inpainting(family, images, masks, info.image_size, info.channels, seed, batch_size, options)
     path.parent.mkdir(parents=True, exist_ok=True)
     written = []
@@ -229,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.input or args.mask:
         raise UserError("--input and --mask go with the tasks (--task inpaint, denoise, img2img)")
+    stray = task_flags_given(args)
+    if stray:  # e.g. --steps typed for --sampling-steps: plain sampling would ignore it
+        raise UserError(f"{', '.join(stray)} go{'es' if len(stray) == 1 else ''} with the tasks (--task ...); "
+                        "plain sampling takes --sampler and --sampling-steps")
     check_out(args.out)  # before sampling, not after it
     images, labels = generate(args.run, args.num, args.labels, args.seed, args.cfg_scale, args.sampler,
                               args.sampling_steps, args.batch_size, progress=True)

@@ -25,6 +25,7 @@ from genscale.errors import UserError
 from genscale.families import family_module
 from genscale.families.base import Batch, DataInfo
 from genscale.run_files import git_commit, library_versions, write_json_atomic
+from genscale.run_lock import lock_run_folder
 
 
 def batch_stream(cfg: TrainConfig, shards, info: DataInfo, rank: int, world: int):
@@ -53,19 +54,33 @@ STREAM_FLAGS = ("data", "seed", "batch_size", "grad_accum", "num_workers", "batc
                 "shuffle_buffer", "flip")
 
 
-def check_same_run(run: RunConfig) -> None:
-    """Refuse to resume a run folder that holds a different model; warn when the stream changes."""
+def _saved_train_flags(run: RunConfig) -> dict | None:
     path = Path(run.train.out) / "config.json"
     if not path.is_file():
-        return
+        return None
     try:
         old = json.loads(path.read_text())["train"]
-        old_model = old["model"]
+        old["model"]
     except (json.JSONDecodeError, KeyError, TypeError):  # TypeError: valid JSON but not a mapping
         raise UserError(f"{path} is damaged; remove it or choose another --out", exit_code=1) from None
-    if old_model != run.train.model:
-        raise UserError(f"{run.train.out} holds a {old_model} run; choose another --out for {run.train.model}")
-    changed = [k for k in STREAM_FLAGS if k in old and old[k] != getattr(run.train, k)]
+    return old
+
+
+# Train flags that can change the networks' shapes (the channels and the size of the images).
+SHAPE_FLAGS = ("image_size", "data")
+
+
+def check_same_run(run: RunConfig) -> None:
+    """Refuse to resume a run folder that holds a different model."""
+    old = _saved_train_flags(run)
+    if old is not None and old["model"] != run.train.model:
+        raise UserError(f"{run.train.out} holds a {old['model']} run; choose another --out for {run.train.model}")
+
+
+def warn_changed_stream(run: RunConfig) -> None:
+    """Warn when a resumed run's data stream changes (after the checks that could still refuse it)."""
+    old = _saved_train_flags(run)
+    changed = [k for k in STREAM_FLAGS if old is not None and k in old and old[k] != getattr(run.train, k)]
     if changed:
         print(f"warning: resuming {run.train.out} with changed {', '.join(changed)}; the run continues but "
               "will not match an uninterrupted one", file=sys.stderr)
@@ -105,8 +120,10 @@ def check_checkpoint_fits(run: RunConfig, family) -> None:
         return
     changed = ""
     try:
-        old = json.loads((Path(run.train.out) / "config.json").read_text())["options"]
-        new = json.loads(json.dumps(dataclasses.asdict(run.options)))
+        record = json.loads((Path(run.train.out) / "config.json").read_text())
+        old = {**{k: record["train"][k] for k in SHAPE_FLAGS if k in record["train"]}, **record["options"]}
+        new = json.loads(json.dumps({**{k: getattr(run.train, k) for k in SHAPE_FLAGS},
+                                     **dataclasses.asdict(run.options)}))
         changed = " ".join(_as_flag(k, old[k]) for k in sorted(old) if k in new and old[k] != new[k])
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -145,6 +162,7 @@ def grid_labels(info: DataInfo, per_class: int = 8) -> torch.Tensor | None:
 def main(argv: list[str] | None = None) -> int:
     run = parse_train_args(argv)
     if run.train.model == "ldm" and not (run.options.autoencoder or run.options.autoencoder_config):
+        check_before_writing(run)  # the ldm run's own checks, before minutes of autoencoder training
         autoencoder = train_autoencoder_first(run)
         if autoencoder is None:  # stopped (SIGTERM, Ctrl-C) while training it: the same command resumes
             return 0
@@ -189,18 +207,27 @@ def train_autoencoder_first(run: RunConfig) -> str | None:
     return str(out) if done and done[-1][0] >= ae_run.train.steps else None
 
 
+def check_before_writing(run: RunConfig) -> None:
+    """What can be refused from the flags and the run folder alone."""
+    check_output_path(run.train.out, "--out", folder=True)
+    check_tracker(run.train.log_with)
+    check_same_run(run)
+
+
 def train(run: RunConfig, last: bool = True) -> int:
     """Train one run; ``last`` False keeps the process group for a run that follows in the same launch."""
     cfg = run.train
-    check_output_path(cfg.out, "--out", folder=True)
-    check_tracker(cfg.log_with)
-    check_same_run(run)
+    check_before_writing(run)
     from genscale.data import resolve_data
     from genscale.trainer import Trainer, make_accelerator
 
     shards = resolve_data(cfg.data, "train", cfg.cache_dir or None)
     module = family_module(cfg.model)
     info = shards.data_info(image_size=cfg.image_size)
+    if shards.image_size and shards.image_size != cfg.image_size and os.environ.get("RANK", "0") == "0":
+        # Presets are sized for the embedded digits (8 px): say so when the data is larger or smaller.
+        print(f"note: {cfg.data} holds {shards.image_size} px images; training at --image-size {cfg.image_size} "
+              "(resized)", file=sys.stderr)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every re-run
     try:
         family = module.FAMILY(cfg, run.options, info)
@@ -208,12 +235,17 @@ def train(run: RunConfig, last: bool = True) -> int:
         raise UserError(str(err)) from None
     check_attention_levels(family)
     check_checkpoint_fits(run, family)
+    if os.environ.get("RANK", "0") == "0":
+        warn_changed_stream(run)
     if cfg.eval_every > 0:  # before the run folder and the process group: nothing to clean up
-        from genscale.metrics.training import check_family_fits
+        from genscale.metrics.training import check_family_fits, check_settings
 
         check_family_fits(cfg.eval_metric, family, cfg.model)
+        check_settings(run, info)
 
     out = Path(cfg.out)
+    if os.environ.get("RANK", "0") == "0":  # the launch's main process; the others follow it
+        lock_run_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     acc = make_accelerator(cfg.grad_accum, out, cfg.log_with)
     stream = batch_stream(cfg, shards, info, acc.process_index, acc.num_processes)

@@ -215,8 +215,10 @@ class Trainer:
             acc.print(f"run {self.out} is already at its last step ({start} of {cfg.steps}); nothing to do")
             return 0
         if acc.is_main_process:
+            # Rows after the checkpoint resumed from (or all rows, on a fresh start) belong to an
+            # attempt that died before saving: without this the curve shows both attempts.
+            self.metrics.truncate_after(start)
             if resumed:
-                self.metrics.truncate_after(start)
                 restarts = os.environ.get("SLURM_RESTART_COUNT")
                 acc.print(f"resuming {self.out} from step {start}"
                           + (f" (SLURM_RESTART_COUNT={restarts})" if restarts is not None else ""))
@@ -275,10 +277,12 @@ class Trainer:
                 ckpt.keep_as_best(self.out, done)
             if stop_now:
                 bar.close()
+                self.stop.uninstall()
                 acc.print(f"received {self.stop.received or 'a stop request on another rank'}: "
                           f"saved step {done} to {self.out}; re-run the same command to resume")
                 return 0
         bar.close()
+        self.stop.uninstall()
         if acc.is_main_process:
             self.write_final_metrics()
             plot_losses(self.metrics.read(), self.out / "loss_curve.png")

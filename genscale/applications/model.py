@@ -26,7 +26,7 @@ class DiffusionModel:
     def __init__(self, family, task: str = "this task") -> None:
         name = getattr(family, "name", type(family).__name__)
         if name not in DIFFUSION_FAMILIES:
-            raise UserError(f"--task {task} needs a diffusion run (ddpm or ldm), but this run is a {name} run")
+            raise UserError(f"--task {task} needs a diffusion run (ddpm or ldm); this run's model is {name}")
         self.family = family
         self.latent = name == "ldm"
         self.schedule = family.schedule

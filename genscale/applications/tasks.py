@@ -6,6 +6,7 @@ runs one task from the parsed arguments; every problem with the input is a UserE
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,9 @@ def run_task(args: argparse.Namespace) -> list[Path]:
     for flag, value in (("--num", args.num), ("--batch-size", args.batch_size), ("--steps", args.steps)):
         if value is not None and value < 1:  # None: the task's default
             raise UserError(f"{flag} must be at least 1, got {value}")
+    check_task_numbers(args)
+    if args.sampler is not None or args.sampling_steps is not None:
+        raise UserError("--sampler and --sampling-steps go with plain sampling; the tasks take --steps (and --eta)")
     if args.task == "inpaint":
         if not args.input or not args.mask:
             raise UserError("--task inpaint needs --input IMAGES.npz and --mask MASKS.npz")
@@ -128,6 +132,27 @@ def run_task(args: argparse.Namespace) -> list[Path]:
         f"{lv:g}: {d:.4f}" for lv, d in zip(levels, distances(edits, x))))
     arr = torch.stack(edits, 1).flatten(0, 1)  # image-major: image 0 at every level, then image 1 ...
     return write_task_outputs(args.out, columns_grid([x, *edits]), arr, dict(levels=np.array(levels)))
+
+
+def check_task_numbers(args: argparse.Namespace) -> None:
+    """A NaN guidance scale or eta turns every image black, a NaN or infinite sigma fails deep in
+    the blur: refuse them in one sentence, as plain sampling does for --cfg-scale."""
+    for flag, value, positive in (("--cfg-scale", args.cfg_scale, False), ("--eta", args.eta, False),
+                                  ("--sigma", args.sigma, True), ("--view-sigma", args.view_sigma, True),
+                                  ("--blur-sigma", args.blur_sigma, True)):
+        if value is None:
+            continue
+        if not math.isfinite(value) or (positive and value <= 0) or (flag == "--eta" and value < 0):
+            need = "a positive" if positive else "a non-negative" if flag == "--eta" else "a finite"
+            raise UserError(f"{flag} must be {need} number, got {value}")
+
+
+def task_flags_given(args: argparse.Namespace) -> list[str]:
+    """The applications' flags given a value other than their default (plain sampling ignores them)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add_task_arguments(probe)
+    defaults = vars(probe.parse_args([]))
+    return ["--" + name.replace("_", "-") for name, default in defaults.items() if getattr(args, name) != default]
 
 
 def _floats(spec: str, flag: str) -> list[float]:

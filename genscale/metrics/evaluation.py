@@ -265,8 +265,14 @@ class Evaluator:
     def translation(self, family, num: int | None, desc: str = "") -> dict:
         """L1 and PSNR of an image-to-image run's translations of the held-out pairs against their
         targets, beside the baseline of copying the input (what the model must beat)."""
+        from genscale.data import resolve_data
         from genscale.families.pix2pix import match_channels
 
+        s = self.setup
+        try:  # the family's reference falls back to the train split (fine for grids, not for a score)
+            self._main_first(lambda: resolve_data(s.reference, "test", s.cache_dir, s.reference_flag))
+        except UserError as err:
+            raise UserError(f"--metric translation scores held-out pairs, but {err}") from None
         pairs = self._main_first(family.reference)
         sources, targets = pairs["source"], pairs["image"]
         n = len(targets) if num is None else min(num, len(targets))

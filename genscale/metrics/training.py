@@ -45,27 +45,41 @@ def check_family_fits(metric: str, family, model: str) -> None:
                         f"ddpm); {model} does not.")
 
 
+def check_settings(run, info) -> None:
+    """The --eval-* flags against the data: refused before the run folder is written, not at the
+    first evaluation after --eval-every steps of training."""
+    cfg = run.train
+    metric, num = getattr(cfg, "eval_metric", "fid"), int(getattr(cfg, "eval_num", 1000))
+    if metric not in METRICS:
+        raise UserError(f"--eval-metric must be one of {', '.join(METRICS)}, got {metric!r}.")
+    if num < 2:
+        raise UserError(f"--eval-num must be at least 2, got {num}.")
+    if metric == "accuracy" and not info.num_classes:
+        raise UserError("--eval-metric accuracy needs labelled data (a class-conditional run).")
+    if metric in ("fid", "kid", "accuracy"):
+        from genscale.families import family_module
+        from genscale.metrics.features import check_features_available
+
+        if needs_input_images(family_module(cfg.model).FAMILY, info):
+            raise UserError(f"--eval-metric {metric} needs a model that generates from noise; "
+                            f"{cfg.model} transforms input images (use --eval-metric psnr for inpainting).")
+        features = getattr(cfg, "eval_features", "judge")
+        check_features_available("judge" if metric == "accuracy" else features, info.name, "--eval-features")
+    from genscale.data import resolve_data
+
+    try:
+        resolve_data(cfg.data, "test", cfg.cache_dir or None)
+    except UserError as err:
+        raise UserError(f"--eval-every compares with held-out images, but {err}") from None
+
+
 class TrainingEvaluator:
     def __init__(self, run, info, accelerator=None):
         cfg = run.train
+        check_settings(run, info)
         self.metric = getattr(cfg, "eval_metric", "fid")
         self.num = int(getattr(cfg, "eval_num", 1000))
         features = getattr(cfg, "eval_features", "judge")
-        if self.metric not in METRICS:
-            raise UserError(f"--eval-metric must be one of {', '.join(METRICS)}, got {self.metric!r}.")
-        if self.num < 2:
-            raise UserError(f"--eval-num must be at least 2, got {self.num}.")
-        if self.metric == "accuracy" and not info.num_classes:
-            raise UserError("--eval-metric accuracy needs labelled data (a class-conditional run).")
-        if self.metric in ("fid", "kid", "accuracy"):
-            from genscale.families import family_module
-            from genscale.metrics.features import check_features_available
-
-            if needs_input_images(family_module(cfg.model).FAMILY, info):
-                raise UserError(f"--eval-metric {self.metric} needs a model that generates from noise; "
-                                f"{cfg.model} transforms input images (use --eval-metric psnr for inpainting).")
-
-            check_features_available("judge" if self.metric == "accuracy" else features, info.name, "--eval-features")
         self.info = info
         self.acc = accelerator
         self.mask = getattr(run.options, "mask", "mixed")

@@ -1,0 +1,47 @@
+"""One training process per run folder.
+
+Two launches on the same --out (a double sbatch, a requeue while the old job still runs, the same
+command in two terminals) would both train, publish each other's step folders, prune each
+other's checkpoints and interleave metrics.jsonl. The main process therefore holds an exclusive
+advisory lock on OUT/.lock for its lifetime; the kernel releases it when the process ends, however
+it ends (SIGKILL, a node failure), so a stale lock never blocks a resume. Where the file system
+has no locks (some network mounts), training goes on without one.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from genscale.errors import UserError
+
+_HELD: dict[Path, object] = {}  # open lock files, kept for the life of the process
+
+
+def lock_run_folder(out: Path) -> None:
+    """Take OUT/.lock, or refuse in one sentence naming the process that holds it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks to take
+        return
+    out = Path(out).resolve()
+    if out in _HELD:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"{out} is being trained by {holder}; wait for it to end or choose another --out",
+                        exit_code=1) from None
+    except OSError:  # e.g. ENOLCK on a mount without locks
+        handle.close()
+        return
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _HELD[out] = handle
