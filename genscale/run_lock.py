@@ -4,8 +4,10 @@ Two launches on the same --out (a double sbatch, a requeue while the old job sti
 command in two terminals) would both train, publish each other's step folders, prune each
 other's checkpoints and interleave metrics.jsonl. The main process therefore holds an exclusive
 advisory lock on OUT/.lock for its lifetime; the kernel releases it when the process ends, however
-it ends (SIGKILL, a node failure), so a stale lock never blocks a resume. Where the file system
-has no locks (some network mounts), training goes on without one.
+it ends (SIGKILL, a node failure), so a stale lock never blocks a resume. It is a POSIX record
+lock (lockf), not flock: forked data-loader workers inherit the file but not a record lock, so a
+killed trainer's workers, still exiting, cannot hold it against the resume (they did, with flock);
+record locks also work over NFS. Where the file system has no locks, training goes on without one.
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ def lock_run_folder(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     handle = open(out / ".lock", "a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
