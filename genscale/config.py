@@ -2,7 +2,9 @@
 
 Precedence, lowest first: TrainConfig defaults < the family's PRESET < ``--config FILE`` < flags.
 Every dataclass field becomes a ``--kebab-case`` flag, so the YAML/JSON keys are the same names
-(with ``_`` or ``-``).
+(with ``_`` or ``-``). A file's values are read as strictly as the flags: a whole number for an
+integer option (4.0 is 4, 4.7 and true are refused), true/false/yes/no/on/off/1/0 for a switch,
+quoted text for a text option, and no empty (null) values: leave a key out to get its default.
 """
 from __future__ import annotations
 
@@ -131,25 +133,88 @@ def _load_file(path: str) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _no_value(name: str, source: str) -> UserError:
+    # no option takes None: a key left empty is more likely a value forgotten than a wish for the
+    # default (data: null crashed in the loader, out: null silently meant runs/MODEL)
+    return UserError(f"option {name} in {source} has no value; give one or leave the key out for the default")
+
+
+def _file_int(value: Any) -> int:
+    """An integer option's value from a file: an int, an integral float (YAML's 4.0 or 1.0e+3),
+    or the text the flag would take (argparse's int()). Never a bool, which Python counts as an
+    int (``batch_size: true`` was 1), nor a fraction (``steps: 4.7`` trained int(4.7) = 4 steps)."""
+    if isinstance(value, bool):
+        raise TypeError(value)
+    if isinstance(value, float):
+        # beyond 2**53 a float no longer says which integer was meant
+        if not value.is_integer() or abs(value) > 2**53:
+            raise ValueError(value)
+        return int(value)
+    if isinstance(value, (int, str)):
+        return int(value)
+    raise TypeError(value)
+
+
+def _file_bool(value: Any) -> bool:
+    """A switch's value from a file: YAML's own booleans or one of their usual spellings. Anything
+    else is refused: ``flip: ture`` (a typo) used to mean false."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if isinstance(value, (int, str)) else None
+    if text not in _TRUE + _FALSE:
+        raise ValueError(value)
+    return text in _TRUE
+
+
+def _file_float(value: Any) -> float:
+    """A number, or the text the flag would take (YAML 1.1 reads 1e-3 as text); not a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(value)
+    return float(value)
+
+
+def _file_str(value: Any) -> str:
+    """Text only: YAML turns an unquoted 0755 into 493 and yes into true, so converting numbers
+    and booleans back to text would not give what was typed."""
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return value
+
+
+def _file_ints(value: Any) -> tuple[int, ...]:
+    """A list of integers (each read as ``_file_int``) or the flag's comma-separated text."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_file_int(v) for v in value)
+    if isinstance(value, bool):
+        raise TypeError(value)
+    return _parse_ints(value)
+
+
+_FILE_READERS = {int: (_file_int, "a whole number"), float: (_file_float, "a number"),
+                 bool: (_file_bool, "true or false"), str: (_file_str, "text (quote it)")}
+
+
 def _coerce(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
-    """Convert file values (lists for tuples, ints for floats) to each field's type."""
+    """Read file values (and flags, already typed by argparse) as each field's type, refusing
+    what is not clearly of that type rather than coercing it."""
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
         if f.name not in values:
             continue
         v = values[f.name]
+        if v is None:
+            raise _no_value(f.name, source)
         conv = _converter(hints[f.name])
+        read, expected = ((_file_ints, "comma-separated whole numbers") if conv is _parse_ints
+                          else _FILE_READERS.get(conv, (conv, f"a {getattr(conv, '__name__', 'value')}")))
         try:
-            if conv is _parse_ints:
-                v = _parse_ints(",".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
-            elif hints[f.name] is bool:
-                v = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
-            elif v is not None:
-                v = conv(v)
-        except (TypeError, ValueError, argparse.ArgumentTypeError):
-            raise UserError(f"option {f.name} in {source} has a bad value {v!r}") from None
-        out[f.name] = v
+            out[f.name] = read(v)
+        except (TypeError, ValueError, OverflowError, argparse.ArgumentTypeError):
+            raise UserError(f"option {f.name} in {source} has a bad value {v!r}: expected {expected}") from None
     return out
 
 
@@ -186,8 +251,10 @@ def parse_train_args(argv: list[str] | None = None) -> RunConfig:
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     file_values = _load_file(known.config) if known.config else {}
-    model = known.model or file_values.get("model") or TrainConfig.model
-    if model not in FAMILIES:
+    model = known.model if known.model is not None else file_values.get("model", TrainConfig.model)
+    if model is None:  # "model:" left empty in the file: was the default ddpm, silently
+        raise _no_value("model", "the configuration")
+    if not isinstance(model, str) or model not in FAMILIES:
         raise UserError(f"unknown model {model!r}; choose one of: {', '.join(FAMILIES)}")
     module = family_module(model)
 
@@ -197,7 +264,8 @@ def parse_train_args(argv: list[str] | None = None) -> RunConfig:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run with the same --out again to resume. Pass --model NAME --help for that model's options.",
     )
-    parser.add_argument("--config", help="YAML or JSON file with the same keys as the flags")
+    parser.add_argument("--config", help="YAML or JSON file with the same keys as the flags "
+                                         "(leave a key out for its default)")
     common = parser.add_argument_group("training")
     _add_fields(common, TrainConfig, COMMON_HELP)
     fam = parser.add_argument_group(f"{model} options")
@@ -250,6 +318,10 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if cfg.lr <= 0:
         raise UserError(f"--lr must be positive, got {cfg.lr}")
+    # torch.manual_seed overflows past 64 bits (a traceback after the run folder was made); the
+    # non-negative int64 range also suits numpy's SeedSequence and the seeds derived from it
+    if not 0 <= cfg.seed < 2**63:
+        raise UserError(f"--seed must be between 0 and 2**63 - 1, got {cfg.seed}")
     if cfg.keep_best and cfg.eval_every <= 0:
         raise UserError("--keep-best keeps the best evaluated checkpoint, so it needs --eval-every N")
     if cfg.log_with not in ("", "tensorboard", "wandb"):

@@ -80,3 +80,42 @@ def test_gan_batch_of_one_is_refused_before_the_run_folder(tmp_path, cache):
     assert proc.returncode == 2, proc.stderr[-3000:]
     one_error_line(proc.stderr, "--batch-size must be at least 2 for gan")
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("model", ["ddpm", "ldm"])  # ldm's options extend ddpm's, validate included
+@pytest.mark.parametrize("flags, message", [
+    # accepted, then a traceback from the sampler at the first sample grid (or in sample.py)
+    (["--sampling-steps", "5000"], "--sampling-steps must be between 1 and --timesteps (1000), got 5000"),
+    (["--timesteps", "20"], "--sampling-steps must be between 1 and --timesteps (20), got 50"),  # the default 50
+    # RuntimeError from a zero-width convolution at the first step, after config.json was written
+    (["--base-width", "0"], "--base-width must be a positive number, got 0"),
+    (["--channel-mults", "0,1"], "--channel-mults must be positive numbers, got 0,1"),
+    (["--channel-mults", "1,-2"], "--channel-mults must be positive numbers, got 1,-2"),
+    # ldm: an IndexError traceback (ddpm: the U-Net's own sentence, now given when parsed)
+    (["--channel-mults", ""], "--channel-mults must list at least one multiplier, e.g. 1,2"),
+    # -1 built a U-Net with no decoder blocks, silently; 1.5 raised from nn.Dropout
+    (["--num-res-blocks", "-1"], "--num-res-blocks must not be negative, got -1"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
+    (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),  # zeroes every residual branch
+    (["--eta", "-1"], "--eta must be a non-negative number, got -1.0"),  # ValueError at the first grid
+])
+def test_unet_and_sampler_options_are_checked_when_parsed(model, flags, message):
+    with pytest.raises(UserError) as err:
+        parse_train_args(["--model", model, *flags])
+    assert str(err.value) == message
+    if flags[0] in ("--sampling-steps", "--timesteps"):  # the boundary is allowed
+        parse_train_args(["--model", model, "--timesteps", "20", "--sampling-steps", "20"])
+
+
+@pytest.mark.parametrize("model, flags, fragment", [
+    ("ddpm", ["--sampling-steps", "5000", "--sample-every", "1"], "--sampling-steps must be between 1"),
+    ("ldm", ["--channel-mults", "0,1"], "--channel-mults must be positive numbers"),
+    ("gan", ["--seed", str(10**20)], "--seed must be between 0 and 2**63 - 1"),
+])
+def test_bad_options_are_refused_before_the_run_folder(model, flags, fragment, tmp_path, cache):
+    # each was a traceback after the run folder and config.json were written (ldm: after training
+    # its autoencoder first)
+    proc = train_proc(cache, "--model", model, "--steps", "2", *flags, "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    one_error_line(proc.stderr, fragment)
+    assert not (tmp_path / "r").exists()

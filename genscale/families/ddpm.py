@@ -43,8 +43,28 @@ class Options:
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                 f"got {getattr(self, name)!r}")
-        if self.timesteps < 2 or self.sampling_steps < 1:
-            raise UserError("--timesteps must be at least 2 and --sampling-steps at least 1")
+        if self.timesteps < 2:
+            raise UserError(f"--timesteps must be at least 2, got {self.timesteps}")
+        # DDIM strides --sampling-steps of the T timesteps: more than T raised from the sampler at
+        # the first sample grid (or in sample.py, which takes this default), after the training.
+        # Checked whatever --sampler says, since sample.py --sampler ddim uses it on any run.
+        if not 1 <= self.sampling_steps <= self.timesteps:
+            raise UserError(f"--sampling-steps must be between 1 and --timesteps ({self.timesteps}), "
+                            f"got {self.sampling_steps}")
+        # A zero or negative width builds empty convolutions, which fail only at the first step,
+        # after the run folder is written.
+        if self.base_width < 1:
+            raise UserError(f"--base-width must be a positive number, got {self.base_width}")
+        if not self.channel_mults:
+            raise UserError("--channel-mults must list at least one multiplier, e.g. 1,2")
+        if any(m < 1 for m in self.channel_mults):
+            raise UserError(f"--channel-mults must be positive numbers, got {','.join(map(str, self.channel_mults))}")
+        if self.num_res_blocks < 0:  # a negative count silently built levels without decoder blocks
+            raise UserError(f"--num-res-blocks must not be negative, got {self.num_res_blocks}")
+        if not 0 <= self.dropout < 1:  # 1 zeroes every residual branch; above 1 nn.Dropout raises
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.eta < 0:  # the sampler raises on it, at the first grid
+            raise UserError(f"--eta must be a non-negative number, got {self.eta}")
         if not 0 <= self.cond_drop < 1:
             raise UserError(f"--cond-drop must be in [0, 1), got {self.cond_drop}")
 
