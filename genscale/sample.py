@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         raise UserError("", exit_code=int(exit_.code or 0)) from None
+    if not 0 <= args.seed < 2**63:  # torch's generators overflow past 64 bits (a traceback)
+        raise UserError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     if args.task != "sample":
         for path in run_task(args):
             print(f"wrote {path}")

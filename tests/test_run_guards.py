@@ -176,6 +176,11 @@ def test_tasks_refuse_numbers_that_would_blank_or_crash(tmp_path, extra, fragmen
         sample("--run", str(tmp_path), "--task", "hybrid", "--num", "2", "--out", str(tmp_path / "s.png"), *extra)
 
 
+def test_a_seed_out_of_range_is_refused(tmp_path):
+    with pytest.raises(UserError, match=r"--seed must be between 0 and 2\*\*63 - 1"):
+        sample("--run", str(tmp_path), "--seed", str(10**20), "--num", "2", "--out", str(tmp_path / "s.png"))
+
+
 def test_a_missing_run_folder_is_named(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         sample("--run", str(tmp_path / "nope"), "--num", "2", "--out", str(tmp_path / "s.png"))
