@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from genscale.data import ShardSet, make_loader, resolve_data
+from genscale.data.transforms import decode_image
 from genscale.data.writer import encode_png, write_split
+from genscale.errors import UserError
 
 
 def grey_sample(i: int, size: int = 8) -> dict:
@@ -175,7 +177,7 @@ def test_labels_from_json_and_unlabelled_web_samples(tmp_path):
     samples = [{"__key__": "w0", "jpg": jpg.getvalue(), "txt": "a caption", "json": {"caption": "x"}},
                {"__key__": "w1", "png": grey_sample(3)["png"], "json": {"label": 7}},
                {"__key__": "w2", "webp": _webp(), "json": {"cls": 2}}]
-    shards = shard_set(tmp_path, samples, maxcount=10, channels=3)
+    shards = shard_set(tmp_path, samples, maxcount=10, channels=3, num_classes=8)
     (b,) = list(loader(shards, resampled=False, channels=3, batch_size=3))
     assert dict(zip(b["key"], b["label"].tolist())) == {"w0": -1, "w1": 7, "w2": 2}
     (u,) = list(loader(shards, resampled=False, channels=3, batch_size=3, class_cond=False))
@@ -225,11 +227,64 @@ def test_builtin_digits_through_the_loader(tmp_path):
     assert set(b["label"].tolist()) <= set(range(10))
 
 
-def test_all_corrupt_data_fails_instead_of_spinning(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_all_corrupt_data_fails_instead_of_spinning(tmp_path, monkeypatch, workers):
     from genscale.data import stream
-    from genscale.errors import UserError
 
-    monkeypatch.setattr(stream, "MAX_FAILURES_IN_A_ROW", 50)
+    monkeypatch.setattr(stream, "MAX_FAILURES_IN_A_ROW", 50)  # a forked worker inherits it
     shards = shard_set(tmp_path, [{"__key__": f"b{i}", "png": b"garbage"} for i in range(10)], maxcount=10)
-    with pytest.raises(UserError, match="in a row could not be read"):
-        list(loader(shards))
+    with pytest.raises(UserError, match="in a row could not be read") as err:
+        list(loader(shards, num_workers=workers))
+    # raised in a worker, it still reaches the user as one sentence, not the worker's traceback
+    assert "\n" not in str(err.value) and err.value.exit_code == 1
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_label_past_the_last_class_stops_with_one_sentence(tmp_path, workers):
+    # Unchecked, label 7 of 5 classes was an IndexError mid-training (or, as label 5, the
+    # null label of a class-conditional diffusion model: silently trained as unconditional).
+    samples = [grey_sample(i) for i in range(8)]
+    samples[5]["cls"] = 7
+    shards = shard_set(tmp_path, samples, maxcount=10)
+    with pytest.raises(UserError) as err:
+        list(loader(shards, resampled=False, batch_size=3, num_workers=workers))
+    assert str(err.value) == (f"sample s0005 of {shards.urls[0]} has label 7, but the data has 5 classes "
+                              "(0 to 4); fix the label or the num_classes of the data's info.json.")
+    assert err.value.exit_code == 1
+    keys = [k for b in loader(shards, resampled=False, batch_size=3, class_cond=False) for k in b["key"]]
+    assert len(keys) == 8  # an unconditional stream ignores labels
+
+
+def test_labels_the_loader_cannot_read_are_no_labels(tmp_path):
+    png = grey_sample(0)["png"]
+    samples = [{"__key__": "a", "png": png, "cls": "abc"}, {"__key__": "b", "png": png, "json": {"label": "3"}},
+               {"__key__": "c", "png": png, "json": {"label": -2}}, {"__key__": "d", "png": png, "json": {"cls": True}},
+               {"__key__": "e", "png": png, "cls": " 4\n"}]
+    shards = shard_set(tmp_path, samples, maxcount=10)
+    (b,) = list(loader(shards, resampled=False, batch_size=5))
+    assert dict(zip(b["key"], b["label"].tolist())) == {"a": -1, "b": 3, "c": -1, "d": -1, "e": 4}
+    assert b["skipped"] == 0  # "abc" used to drop its sample
+
+
+def _png(array: np.ndarray, mode: str, **save) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+def test_transparent_pixels_are_composited_onto_white():
+    rgba = np.array([[[0, 0, 0, 0], [200, 0, 0, 255]], [[0, 0, 0, 128], [10, 20, 30, 0]]], np.uint8)
+    img = decode_image(_png(rgba, "RGBA"))
+    assert img.mode == "RGB"
+    got = np.asarray(img).astype(int)
+    assert got[0, 0].tolist() == [255, 255, 255] and got[0, 1].tolist() == [200, 0, 0]
+    assert got[1, 1].tolist() == [255, 255, 255] and np.abs(got[1, 0] - 127).max() <= 1
+    la = np.array([[[0, 0], [50, 255]]], np.uint8)  # grey + alpha stays grey
+    img = decode_image(_png(la, "LA"))
+    assert img.mode == "L" and np.asarray(img).tolist() == [[255, 50]]
+    palette = Image.fromarray(np.array([[0, 1]], np.uint8), "P")
+    palette.putpalette([0, 0, 0, 90, 90, 90] + [0] * 762)
+    buf = io.BytesIO()
+    palette.save(buf, format="PNG", transparency=0)  # palette entry 0 is transparent
+    img = decode_image(buf.getvalue())
+    assert img.mode == "L" and np.asarray(img).tolist() == [[255, 90]]

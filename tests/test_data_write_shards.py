@@ -214,3 +214,97 @@ def test_command_line_exits_2_without_traceback(tmp_path):
                            str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'} does not exist."]
+
+
+def test_an_npz_without_images_is_one_sentence(tmp_path):
+    np.savez(tmp_path / "empty.npz", np.zeros((0, 16, 16), np.uint8), np.zeros((0,), np.int64))
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as err:  # was: ValueError "zero-size array to reduction operation"
+        main([str(tmp_path / "empty.npz"), str(out), "--quiet"])
+    assert str(err.value) == f"{tmp_path / 'empty.npz'} holds no images (arr_0 has shape (0, 16, 16))."
+    assert not out.exists()
+
+
+def _unreadable_train_split(tmp_path):
+    src = tmp_path / "partial"
+    for i in range(3):
+        (src / "train").mkdir(parents=True, exist_ok=True)
+        (src / "train" / f"f{i}.png").write_bytes(b"not a png")
+    save(str(src / "test" / "ok.png"), np.zeros((4, 4, 3), np.uint8))
+    return src
+
+
+@pytest.mark.parametrize("out_exists", [False, True])
+def test_a_refused_write_leaves_nothing_behind(tmp_path, out_exists):
+    src, out = _unreadable_train_split(tmp_path), tmp_path / "out"
+    if out_exists:
+        out.mkdir()
+    for _ in range(2):  # the re-run gets the same sentence, not "an unfinished write"
+        with pytest.raises(UserError) as err:
+            main([str(src), str(out), "--quiet"])
+        assert os.path.isdir(out) == out_exists and (not out_exists or os.listdir(out) == [])  # was: test/ left
+        assert str(err.value).startswith(f"none of the 3 training images of {src} could be read (first error: ")
+    for i in range(3):  # no image file left in train/: was "no readable image (first error: none)"
+        (src / "train" / f"f{i}.png").rename(src / "train" / f"f{i}.txt")
+    with pytest.raises(UserError) as err:
+        main([str(src), str(out), "--kind", "folder", "--quiet"])
+    assert str(err.value) == f"the train split of {src} holds no images."
+    assert os.path.isdir(out) == out_exists and (not out_exists or os.listdir(out) == [])
+
+
+def test_an_interrupted_write_is_removed(tmp_path, monkeypatch):
+    from genscale.data import write_shards as module
+
+    src = tmp_path / "imgs"
+    for i in range(6):
+        save(str(src / f"{i}.png"), np.full((3, 3), i, np.uint8))
+    real = module.write_split
+
+    def interrupted(samples, split_dir, **kw):  # Ctrl-C while the test split is written
+        if split_dir.endswith("test"):
+            raise KeyboardInterrupt
+        return real(samples, split_dir, **kw)
+
+    monkeypatch.setattr(module, "write_split", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(str(src), str(tmp_path / "out"), test_fraction=0.5, progress=False)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(module, "write_split", real)
+    assert write_shards(str(src), str(tmp_path / "out"), test_fraction=0.5, progress=False)["counts"] == \
+        {"train": 3, "test": 3}
+
+
+def test_an_empty_class_folder_is_skipped_with_a_note(tmp_path, capsys):
+    src = tmp_path / "classes"
+    for c, name in enumerate(["cat", "dog"]):
+        for i in range(3):
+            save(str(src / name / f"{i}.png"), np.full((4, 4), c * 100 + i, np.uint8))
+    (src / "aardvark").mkdir()  # sorts first: counted, it shifted every label by one
+    (src / "aardvark" / "notes.txt").write_text("no images here")
+    out = tmp_path / "out"
+    assert main([str(src), str(out), "--kind", "classes", "--test-fraction", "0", "--quiet"]) == 0
+    info = info_of(out)
+    assert info["num_classes"] == 2 and info["class_names"] == ["cat", "dog"]
+    assert {int(s["cls"]): json.loads(s["json"])["class"] for s in read_split(out, "train")} == {0: "cat", 1: "dog"}
+    assert "note: skipped 1 class folder(s) without images, so they are no class: aardvark" in capsys.readouterr().err
+
+
+def test_transparent_images_are_composited_onto_white(tmp_path):
+    # A transparent TIFF is re-encoded by the writer; a transparent PNG is stored as it is and
+    # the loader composites it. Either way a transparent black pixel comes out white.
+    src = tmp_path / "imgs"
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[:2, :, :] = (0, 0, 0, 0)
+    rgba[2:, :, :] = (30, 60, 90, 255)
+    save(str(src / "a.tif"), rgba)
+    save(str(src / "b.png"), rgba)
+    out = tmp_path / "out"
+    write_shards(str(src), str(out), test_fraction=0.0, progress=False)
+    from genscale.data import make_loader
+
+    batch = next(iter(make_loader(resolve_data(str(out)), image_size=4, channels=3, batch_size=2,
+                                  batches_per_epoch=1, seed=0, epoch=0, rank=0, world_size=1, num_workers=0,
+                                  resampled=False)))
+    pixels_255 = ((batch["image"] + 1) * 127.5).round().int()
+    assert (pixels_255[:, :, :2] == 255).all()  # was 0: the black RGB under alpha 0
+    assert pixels_255[:, :, 2:].reshape(2, 3, -1)[:, :, 0].tolist() == [[30, 60, 90]] * 2

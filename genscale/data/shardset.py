@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import glob
-import io
-import json
 import os
+import sys
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,12 +11,14 @@ from dataclasses import dataclass, field
 import braceexpand
 
 from genscale.data.builtin import BUILTIN_NAMES, builtin_dir
+from genscale.data.tarscan import ShardLabels, scan_shard
 from genscale.data.transforms import IMAGE_EXTENSIONS, SOURCE_FIELDS, TARGET_FIELDS, decode_image
 from genscale.data.writer import INFO_FILE, SPLITS, read_info
 from genscale.errors import UserError
 from genscale.families.base import DataInfo
 
 PEEK_SAMPLES = 64
+_WARNED: set[tuple[str, ...]] = set()  # shard lists already warned about (one warning per process)
 
 
 @dataclass
@@ -93,41 +94,71 @@ def _from_folder(folder: str, split: str, name: str) -> ShardSet:
             raise UserError(f"{folder} holds no .tar shards (nor train/ and test/ subfolders with some){hint}.")
         if split != "train":
             raise UserError(f"{folder} has no {split} split: put its shards in train/ and test/ subfolders.")
-    _check_tars(urls)
-    return _described(urls, split, name, folder, count=True)
+    labels = _check_tars(urls)
+    return _described(urls, split, name, folder, count=True, labels=labels)
 
 
-def _described(urls: list[str], split: str, name: str, folder: str, count: bool) -> ShardSet:
+def _described(urls: list[str], split: str, name: str, folder: str, count: bool, labels: ShardLabels) -> ShardSet:
     """From the folder's info.json when it has one, else from a peek into the shards."""
     info = read_info(folder)
     if info is None:
-        return _peeked(urls, split, name)
+        return _noted(_peeked(urls, split, name, labels), labels)
+    path = os.path.join(folder, INFO_FILE)
     try:
         counts = info.get("counts") or {}
-        return ShardSet(urls=urls, name=str(info.get("name", name)), channels=int(info["channels"]),
-                        image_size=int(info["image_size"]), num_classes=int(info.get("num_classes", 0)),
-                        paired=bool(info.get("paired", False)), split=split,
-                        num_samples=counts.get(split) if count else None,
-                        class_names=list(info.get("class_names") or []))
+        shards = ShardSet(urls=urls, name=str(info.get("name", name)), channels=int(info["channels"]),
+                          image_size=int(info["image_size"]), num_classes=int(info.get("num_classes", 0)),
+                          paired=bool(info.get("paired", False)), split=split,
+                          num_samples=counts.get(split) if count else None,
+                          class_names=list(info.get("class_names") or []))
     except KeyError as exn:
-        raise UserError(f"{os.path.join(folder, 'info.json')} lacks a {exn.args[0]!r} entry.") from None
+        raise UserError(f"{path} lacks a {exn.args[0]!r} entry.") from None
     except (TypeError, ValueError) as exn:  # e.g. "channels": "x"
-        raise UserError(f"{os.path.join(folder, 'info.json')} holds a value of the wrong type ({exn}).") from None
+        raise UserError(f"{path} holds a value of the wrong type ({exn}).") from None
+    top = max(labels.counts, default=-1)
+    if shards.num_classes and top >= shards.num_classes:  # else refused mid-training by the stream
+        raise UserError(f"the shards of {folder} hold label {top}, but {path} says num_classes "
+                        f"{shards.num_classes}; correct its num_classes (and class_names).")
+    return _noted(shards, labels)
+
+
+def _noted(shards: ShardSet, labels: ShardLabels) -> ShardSet:
+    """Warn once when labels are unreadable, or when only some samples of labelled data have one.
+
+    Not refused: the families train an unlabelled sample on purpose (diffusion as its null
+    label, cgan as 'some real class'), but the user should know that part of the data does."""
+    unlabelled = labels.samples - labels.labelled
+    if labels.unreadable and not shards.num_classes:
+        what = f"carry a label the loader cannot read (e.g. {labels.example!r}; a label is a non-negative integer)"
+        outcome = "the data is used unlabelled"
+    elif shards.num_classes and unlabelled:
+        what = "have no label" + (f" the loader can read (e.g. {labels.example!r})" if labels.unreadable else "")
+        outcome = "they train as unlabelled images"
+    else:
+        return shards
+    key = tuple(shards.urls)
+    if key not in _WARNED and os.environ.get("RANK", "0") == "0":  # once, not once per process of a job
+        _WARNED.add(key)
+        count = labels.unreadable if not shards.num_classes else unlabelled
+        print(f"warning: {count} of {labels.samples} samples of {shards.name} {what}; {outcome}.", file=sys.stderr)
+    return shards
 
 
 def _from_files(urls: list[str], split: str, spec: str, name: str) -> ShardSet:
     if split != "train":
         raise UserError(f"{spec} has no {split} split: give a folder with train/ and test/ subfolders.")
-    _check_tars(urls)
+    labels = _check_tars(urls)
     # Shards picked from a written dataset (NAME/train/000003.tar) still have its info.json.
     split_dir = os.path.dirname(os.path.abspath(urls[0]))
     for folder in (split_dir, os.path.dirname(split_dir)):
         if os.path.isfile(os.path.join(folder, INFO_FILE)):
-            return _described(urls, split, name, folder, count=False)
-    return _peeked(urls, split, name)
+            return _described(urls, split, name, folder, count=False, labels=labels)
+    return _noted(_peeked(urls, split, name, labels), labels)
 
 
-def _check_tars(urls: list[str]) -> None:
+def _check_tars(urls: list[str]) -> ShardLabels:
+    """Refuse a shard that is not a whole tar; return the labels of all of them."""
+    labels = ShardLabels()
     for url in urls:
         if not os.path.isfile(url):
             raise UserError(f"{url} is not a file.")
@@ -136,6 +167,8 @@ def _check_tars(urls: list[str]) -> None:
         if not _ends_like_a_tar(url):
             raise UserError(f"{url} is cut short (it lacks the end-of-archive blocks of a complete tar); "
                             "copy it again or write the shards anew.")
+        labels.add(scan_shard(url))  # also refuses a shard damaged in the middle
+    return labels
 
 
 def _ends_like_a_tar(path: str) -> bool:
@@ -150,10 +183,10 @@ def _ends_like_a_tar(path: str) -> bool:
         return not any(fh.read(1024))
 
 
-def _peeked(urls: list[str], split: str, name: str) -> ShardSet:
-    """What the first shard's first samples say: channels, native size, labels, pairing."""
+def _peeked(urls: list[str], split: str, name: str, labels: ShardLabels) -> ShardSet:
+    """What the first shard's first samples say (channels, native size, pairing) and what the
+    labels of every shard say (a class-sorted shard set puts its last classes in its last shards)."""
     groups: dict[str, dict[str, bytes]] = {}
-    labels: list[int] = []
     try:
         with tarfile.open(urls[0]) as tar:
             for member in tar:
@@ -161,14 +194,10 @@ def _peeked(urls: list[str], split: str, name: str) -> ShardSet:
                     continue
                 key, ext = _split_name(member.name)
                 ext = ext.lower()
-                if ext in ("cls", "json") or (key in groups or len(groups) < PEEK_SAMPLES) and _is_image(ext):
-                    data = tar.extractfile(member).read()
-                    if ext in ("cls", "json"):
-                        label = _label_of(ext, data)
-                        if label is not None:
-                            labels.append(label)
-                    else:
-                        groups.setdefault(key, {})[ext] = data
+                if len(groups) >= PEEK_SAMPLES and key not in groups:
+                    break  # enough images to peek at; the scan has counted the labels
+                if _is_image(ext):
+                    groups.setdefault(key, {})[ext] = tar.extractfile(member).read()
     except (OSError, tarfile.TarError) as exn:
         raise UserError(f"cannot read {urls[0]} ({exn}).") from None
     modes: Counter = Counter()
@@ -188,9 +217,7 @@ def _peeked(urls: list[str], split: str, name: str) -> ShardSet:
             sizes.append(min(img.size))
     if not sizes:
         raise UserError(f"{urls[0]} holds no readable images among its first {PEEK_SAMPLES} samples.")
-    # Labels: scanned over the whole first shard (only the tiny .cls/.json members are read),
-    # so num_classes is right when that shard holds every class, as a shuffled one does.
-    num_classes = max(labels) + 1 if labels else 0
+    num_classes = max(labels.counts) + 1 if labels.counts else 0
     return ShardSet(urls=urls, name=name, channels=3 if modes.get("RGB") else 1,
                     image_size=Counter(sizes).most_common(1)[0][0], num_classes=num_classes,
                     paired=paired, split=split)
@@ -205,17 +232,3 @@ def _split_name(path: str) -> tuple[str, str]:
 
 def _is_image(ext: str) -> bool:
     return ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
-
-
-def _label_of(ext: str, data: bytes) -> int | None:
-    try:
-        if ext == "cls":
-            return int(data.decode().strip())
-        meta = json.load(io.BytesIO(data))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if isinstance(meta, dict):
-        for k in ("label", "cls"):
-            if isinstance(meta.get(k), int) and not isinstance(meta.get(k), bool):
-                return meta[k]
-    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -60,22 +61,14 @@ def read_source(src: str, kind: str = "auto", dataset: str | None = None, direct
     if kind == "torchvision":
         return _torchvision(src, dataset)
     splits = _predefined_splits(src)
-    records: list[Record] = []
     class_names: list[str] = []
-    for split, folder in splits:
-        if kind == "classes":
-            names = _class_folders(folder)
-            if class_names and names != class_names:
-                raise UserError(f"{folder} has other class folders than {splits[0][1]}.")
-            class_names = names
-            for label, name in enumerate(names):
-                records += [_file_record(p, split, label=label, meta={"class": name})
-                            for p in _image_files(os.path.join(folder, name))]
-        elif kind in ("folder", "side-by-side"):
-            records += [_file_record(p, split, paired=kind == "side-by-side", direction=direction)
-                        for p in _image_files(folder)]
-        else:
-            raise UserError(f"unknown --kind {kind}; choose one of {', '.join(KINDS)}.")
+    if kind == "classes":
+        records, class_names = _class_records(splits)
+    elif kind in ("folder", "side-by-side"):
+        records = [_file_record(p, split, paired=kind == "side-by-side", direction=direction)
+                   for split, folder in splits for p in _image_files(folder)]
+    else:
+        raise UserError(f"unknown --kind {kind}; choose one of {', '.join(KINDS)}.")
     if not records:
         raise UserError(f"{src} holds no image files ({', '.join(FILE_EXTENSIONS)}).")
     return Source(records, kind, class_names, paired=kind == "side-by-side")
@@ -116,6 +109,31 @@ def _image_files(folder: str) -> list[str]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [os.path.join(root, f) for f in sorted(files) if _is_image_file(os.path.join(root, f))]
     return found
+
+
+def _class_records(splits: list[tuple[str | None, str]]) -> tuple[list[Record], list[str]]:
+    """Records of a class-per-folder tree and its class names (labels in sorted name order).
+
+    A class folder without an image in any split is skipped with a note rather than refused: it
+    is usually a leftover (a failed download, a class filtered out), and counting it would give
+    a conditional model a class it never sees. Refusing would make the user delete it first."""
+    names = []
+    files: dict[tuple[str | None, str], list[str]] = {}
+    for split, folder in splits:
+        found = _class_folders(folder)
+        if names and found != names:
+            raise UserError(f"{folder} has other class folders than {splits[0][1]}.")
+        names = found
+        for name in names:
+            files[split, name] = _image_files(os.path.join(folder, name))
+    kept = [n for n in names if any(files[split, n] for split, _ in splits)]
+    empty = [n for n in names if n not in kept]
+    if empty and kept:
+        print(f"note: skipped {len(empty)} class folder(s) without images, so they are no class: "
+              f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}", file=sys.stderr)
+    records = [_file_record(p, split, label=label, meta={"class": name})
+               for split, _ in splits for label, name in enumerate(kept) for p in files[split, name]]
+    return records, kept
 
 
 def _class_folders(folder: str) -> list[str]:
@@ -168,6 +186,8 @@ def _npz(path: str) -> Source:
         images = images.transpose(0, 2, 3, 1)  # NCHW -> NHWC
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
         raise UserError(f"{path}: {key} has shape {images.shape}; expected N x H x W or N x H x W x C, C = 1 or 3.")
+    if len(images) == 0:
+        raise UserError(f"{path} holds no images ({key} has shape {images.shape}).")
     labels = None
     label_key = next((k for k in ("labels", "arr_1") if k in names), None)
     if label_key is not None:

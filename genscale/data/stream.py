@@ -19,6 +19,10 @@ own and the DataLoader alternates between them in a fixed order).
 A batch: "image" float32 NCHW in [-1, 1], "label" int64 (-1 = none), "source" for paired data,
 "key" the sample keys, and "skipped" the number of samples (or unreadable tar members) dropped
 since the previous batch of the same worker.
+
+Labels: a ``.cls`` member or a JSON ``label``/``cls`` entry holding a non-negative integer (a string
+of digits counts); anything else is no label (-1). A label past the shard set's ``num_classes``
+stops the stream with a UserError naming the sample, raised in the main process.
 """
 from __future__ import annotations
 
@@ -35,13 +39,17 @@ import torch
 import webdataset as wds
 
 from genscale.data.shardset import ShardSet
-from genscale.data.transforms import IMAGE_EXTENSIONS, READ_EXTENSIONS, ImageTransform, decode_image
+from genscale.data.transforms import IMAGE_EXTENSIONS, READ_EXTENSIONS, ImageTransform, decode_image, label_value
 from genscale.errors import UserError
 
 # A resampled stream over shards that all fail would otherwise loop forever without a batch.
 MAX_FAILURES_IN_A_ROW = 1000
 # Purposes: independent RNG streams for one (seed, epoch, rank, worker).
 _SHARDS, _SHUFFLE, _AUGMENT, _LOADER = range(4)
+# A UserError raised in a DataLoader worker reaches the trainer re-raised with the worker's
+# traceback inside its message; the stages send it as a batch under this key instead, and the
+# loader raises it again in the main process (``_raise_user_errors``) as the one sentence it is.
+_ERROR = "__user_error__"
 
 
 def stream_seed(seed: int, epoch: int, rank: int, worker: int, purpose: int) -> int:
@@ -60,10 +68,28 @@ def _read_member(name: str) -> bool:
 
 
 def _image_handler(key: str, data: bytes):
-    # wds.decode handler: images to PIL ("L" or "RGB"); .cls/.json fall through to wds's own.
-    if key.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
+    # wds.decode handler: images to PIL ("L" or "RGB"); .json falls through to wds's own.
+    ext = key.rsplit(".", 1)[-1].lower()
+    if ext in IMAGE_EXTENSIONS:
         return decode_image(data)
+    if ext == "cls":  # wds's int() would drop the sample for "abc"; an unreadable label is no label
+        label = label_value(data)
+        return -1 if label is None else label
     return None
+
+
+def _errors_as_batches(batches: Iterable[dict]) -> Iterator[dict]:
+    try:
+        yield from batches
+    except UserError as err:
+        yield {_ERROR: (str(err), err.exit_code)}
+
+
+def _raise_user_errors(batches: Iterable[dict]) -> Iterator[dict]:
+    for batch in batches:
+        if _ERROR in batch:
+            raise UserError(*batch[_ERROR])
+        yield batch
 
 
 @dataclass(frozen=True)
@@ -116,6 +142,8 @@ class _SampleStages:
         skipped, in_a_row = [0], [0]
 
         def count(exn: Exception) -> bool:  # handler: drop the sample, remember, go on
+            if isinstance(exn, UserError):  # e.g. a label past the last class: not a bad sample
+                raise exn
             skipped[0] += 1
             in_a_row[0] += 1
             if in_a_row[0] >= MAX_FAILURES_IN_A_ROW:  # unreadable data: fail rather than spin
@@ -152,7 +180,8 @@ class _SampleStages:
             skipped[0] = 0
             return out
 
-        return wds.batched(self.batch_size, collation_fn=collate, partial=not self.resampled)(samples)
+        return _errors_as_batches(wds.batched(self.batch_size, collation_fn=collate,
+                                              partial=not self.resampled)(samples))
 
 
 def ignore_stop_signals(_worker_id: int) -> None:
@@ -193,7 +222,8 @@ def make_loader(shards: ShardSet, *, image_size: int, channels: int, batch_size:
     slots = world_size * max(1, num_workers)
     split_shards = not resampled and len(shards.urls) >= slots
     transform = ImageTransform(image_size=image_size, channels=channels, source_channels=source_channels,
-                               flip=flip, random_crop=random_crop, class_cond=class_cond)
+                               flip=flip, random_crop=random_crop, class_cond=class_cond,
+                               num_classes=shards.num_classes)
     common = dict(resampled=resampled, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
     pipeline = wds.DataPipeline(
         _ShardSource(urls=tuple(shards.urls), split_shards=split_shards, **common),
@@ -206,6 +236,7 @@ def make_loader(shards: ShardSet, *, image_size: int, channels: int, batch_size:
     loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=num_workers,
                            generator=generator, persistent_workers=False,
                            worker_init_fn=ignore_stop_signals if num_workers else None)
+    loader = loader.compose(_raise_user_errors)
     if resampled:
         # On the loader, not the dataset: a dataset's epoch would count per worker.
         loader = loader.with_epoch(batches_per_epoch)

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from genscale.errors import UserError
+
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 # The tar members the loader reads; anything else (.txt captions, .pyd pickles...) is never
 # even grouped into the sample, let alone decoded.
@@ -24,10 +26,14 @@ PLAIN_FIELDS = IMAGE_EXTENSIONS
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode PNG/JPEG/WebP bytes fully (so corrupt data fails here) to mode "L" or "RGB"."""
+    """Decode PNG/JPEG/WebP bytes fully (so corrupt data fails here) to mode "L" or "RGB".
+
+    Transparent pixels are composited onto white (see ``flatten_alpha``)."""
     with io.BytesIO(data) as stream:
         img = Image.open(stream)
         img.load()
+    if _has_alpha(img):
+        return flatten_alpha(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit and float greys: PIL's convert("L") clips instead of rescaling.
         arr = np.asarray(img, dtype=np.float64)
@@ -38,8 +44,25 @@ def decode_image(data: bytes) -> Image.Image:
     return img.convert("RGB")
 
 
+def _has_alpha(img: Image.Image) -> bool:
+    # An alpha band, or a palette/colour-key transparency (GIF, PNG tRNS).
+    return img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (
+        img.mode in ("1", "L", "P", "RGB") and "transparency" in img.info)
+
+
+def flatten_alpha(img: Image.Image) -> Image.Image:
+    """Composite a transparent image onto white; grey stays "L", colour becomes "RGB".
+
+    Dropping the alpha band instead would show whatever RGB a transparent pixel happens to
+    store (often black), which is not what the image looks like."""
+    grey = img.mode in ("1", "L", "LA", "La") or (img.mode in ("P", "PA") and _is_grey_palette(img))
+    rgba = img.convert("RGBA")
+    flat = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return flat.convert("L") if grey else flat  # equal R, G, B: the luma is exact
+
+
 def _is_grey_palette(img: Image.Image) -> bool:
-    if img.mode != "P":
+    if img.mode not in ("P", "PA"):
         return True
     palette = np.asarray(img.convert("RGB"))
     return bool((palette[..., 0] == palette[..., 1]).all() and (palette[..., 1] == palette[..., 2]).all())
@@ -87,16 +110,39 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.transpose(2, 0, 1) / 127.5 - 1.0).contiguous()
 
 
-def sample_label(sample: dict) -> int:
-    """The int label from ``cls`` or a JSON ``label``/``cls`` key; -1 when there is none."""
-    if "cls" in sample:
-        return int(sample["cls"])
-    meta = sample.get("json")
+def label_value(value) -> int | None:
+    """A class index from a ``.cls`` member or a JSON ``label``/``cls`` entry: a non-negative
+    integer, also when written as a string of digits ("3", as some writers store it). Anything
+    else (None, negative, "cat", 2.5, true) is no label."""
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("utf-8", "replace")
+    if isinstance(value, str):
+        value = value.strip()
+        return int(value) if value.isascii() and value.isdigit() else None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 0:
+        return int(value)
+    return None
+
+
+def labels_of(cls, meta) -> tuple[int | None, bool]:
+    """(label, whether a label entry was there at all) from a sample's ``cls`` and ``json``
+    values; ``cls`` wins. The second tells an unreadable label from a sample without one."""
+    candidates = [cls] if cls is not None else []
     if isinstance(meta, dict):
-        for name in ("label", "cls"):
-            if isinstance(meta.get(name), (int, np.integer)) and not isinstance(meta.get(name), bool):
-                return int(meta[name])
-    return -1
+        candidates += [meta[k] for k in ("label", "cls") if k in meta]
+    for value in candidates:
+        label = label_value(value)
+        if label is not None:
+            return label, True
+    return None, bool(candidates)
+
+
+def sample_label(sample: dict) -> int:
+    """The int label from ``cls`` or a JSON ``label``/``cls`` key; -1 when there is none.
+
+    WebDataset decodes ``cls`` to an int, or to None when it is not a number."""
+    label, _ = labels_of(sample.get("cls"), sample.get("json"))
+    return -1 if label is None else label
 
 
 def _first(sample: dict, fields: tuple[str, ...]):
@@ -116,6 +162,7 @@ class ImageTransform:
     flip: bool = False
     random_crop: bool = False
     class_cond: bool = True
+    num_classes: int = 0  # > 0: a label must lie in [0, num_classes) (or be absent)
 
     def __call__(self, sample: dict, rng: random.Random) -> dict:
         target = _first(sample, PLAIN_FIELDS)
@@ -141,8 +188,15 @@ class ImageTransform:
             if flip:
                 im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             out_images.append(to_tensor(im))
-        out = {"image": out_images[0], "label": sample_label(sample) if self.class_cond else -1,
-               "key": sample.get("__key__", "")}
+        label = sample_label(sample) if self.class_cond else -1
+        if self.num_classes and label >= self.num_classes:
+            # Past the last class, an embedding lookup fails with an IndexError mid-training, and
+            # label == num_classes is diffusion's null label: the sample would silently train as
+            # unconditional.
+            raise UserError(f"sample {sample.get('__key__')} of {sample.get('__url__', 'the data')} has label "
+                            f"{label}, but the data has {self.num_classes} classes (0 to {self.num_classes - 1}); "
+                            "fix the label or the num_classes of the data's info.json.", exit_code=1)
+        out = {"image": out_images[0], "label": label, "key": sample.get("__key__", "")}
         if source is not None:
             out["source"] = out_images[1]
         return out

@@ -9,11 +9,19 @@ OUT_DIR/info.json. Samples are shuffled before writing (a shard is read front to
 order is all the shuffling a streaming reader starts from). The test split is drawn with
 --test-fraction (stratified by label) unless the source fixes one (torchvision's train/test,
 a folder's train/ and test/ or val/ sub-folders). Unreadable images are skipped and counted.
+A class folder without images is skipped (with a note), so it is no class.
+
+Transparent images (RGBA, grey with alpha, GIF/PNG palette transparency) are composited onto
+white: PNG, JPEG and WebP files are stored as they are and the loader composites them when it
+decodes them; other formats are flattened that way before they are stored as PNG.
+
+A refused or interrupted write removes what it wrote, so the same command can simply be re-run.
 """
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 from collections import Counter
 from typing import Iterator, Sequence
@@ -21,7 +29,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from genscale.data.sources import KINDS, Record, read_source
+from genscale.data.sources import KINDS, Record, Source, read_source
 from genscale.data.transforms import decode_image
 from genscale.data.writer import FORMAT_VERSION, INFO_FILE, SPLITS, split_indices, write_info, write_split
 from genscale.cli import ArgumentParser, run_main
@@ -86,10 +94,34 @@ def write_shards(src: str, out_dir: str, kind: str = "auto", maxcount: int = 100
                         "remove it or choose an empty folder.")
     source = read_source(src, kind, dataset=dataset, direction=direction)
     splits = assign_splits(source.records, test_fraction, seed)
+    created = not os.path.exists(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as exn:
         raise UserError(f"cannot create {out_dir} ({exn.strerror}).") from None
+    try:
+        return _write(src, out_dir, source, splits, maxcount, maxsize, progress)
+    except BaseException:  # a refusal, an error or Ctrl-C: else the re-run finds an "unfinished write"
+        _remove_written(out_dir, created)
+        raise
+
+
+def _remove_written(out_dir: str, created: bool) -> None:
+    # The split folders and info.json did not exist before (write_shards checks): all this write's.
+    for split in SPLITS:
+        shutil.rmtree(os.path.join(out_dir, split), ignore_errors=True)
+    for name in (INFO_FILE, INFO_FILE + ".tmp"):
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    if created:
+        try:
+            os.rmdir(out_dir)
+        except OSError:  # something else appeared in it meanwhile: leave it
+            pass
+
+
+def _write(src: str, out_dir: str, source: Source, splits: dict[str, list[Record]], maxcount: int, maxsize: float,
+           progress: bool) -> dict:
     stats = _Stats()
     counts = {}
     with tqdm(total=len(source.records), desc=f"writing {os.path.basename(os.path.normpath(out_dir))}",
@@ -97,8 +129,11 @@ def write_shards(src: str, out_dir: str, kind: str = "auto", maxcount: int = 100
         for split in SPLITS:
             counts[split] = write_split(stats.samples(splits[split], split), os.path.join(out_dir, split),
                                         maxcount=maxcount, maxsize=maxsize, progress=bar)
-    if counts["train"] == 0:
-        raise UserError(f"no readable image in {src} (first error: {stats.first_error or 'none'}).")
+            if counts["train"] == 0:  # refuse before writing a test split that would be removed
+                if splits["train"]:
+                    raise UserError(f"none of the {len(splits['train'])} training images of {src} could be "
+                                    f"read (first error: {stats.first_error}).")
+                raise UserError(f"the train split of {src} holds no images.")
     labelled = all(r.label is not None for r in source.records)
     num_classes = len(source.class_names) if labelled else 0
     info = {"name": os.path.basename(os.path.abspath(out_dir)), "channels": 3 if stats.modes.get("RGB") else 1,
@@ -115,7 +150,8 @@ def write_shards(src: str, out_dir: str, kind: str = "auto", maxcount: int = 100
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and write the shards; a UserError propagates (see ``cli``)."""
     parser = ArgumentParser(prog="python -m genscale.data.write_shards", description=__doc__.split("\n")[0])
-    parser.add_argument("src", help="image folder, class-per-folder tree, .npz file or torchvision root")
+    parser.add_argument("src", help="image folder, class-per-folder tree, .npz file or torchvision root "
+                        "(transparent images are composited onto white)")
     parser.add_argument("out_dir", help="where train/, test/ and info.json go")
     parser.add_argument("--kind", choices=KINDS, default="auto")
     parser.add_argument("--maxcount", type=int, default=10000, help="samples per shard at most")
