@@ -8,24 +8,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import pytest
 
 from genscale.errors import UserError
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--steps", "2", "--batch-size", "8", "--ckpt-every", "2", "--sample-every", "0", "--timesteps", "20",
-        "--base-width", "16", "--channel-mults", "1,2", "--attention-res", "4", "--image-size", "8",
-        "--num-workers", "1", "--log-every", "1", "--sampling-steps", "3"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+from tests.test_cli_errors_audit import TINY, cache, one_error_line, train_proc  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +22,6 @@ def train_only_tar(cache) -> str:
     from genscale.data import resolve_data
 
     return resolve_data("digits", "train", str(cache)).urls[0]
-
-
-def train_proc(cache: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GENSCALE_THREADS": "1", "GENSCALE_CACHE": str(cache)}
-    return subprocess.run([sys.executable, str(ROOT / "genscale" / "train.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def one_error_line(stderr: str, fragment: str) -> None:
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(lines) == 1 and fragment in lines[0], stderr
 
 
 # ----------------------------------------------------------------------------- the run folder
