@@ -167,3 +167,29 @@ def test_unreadable_labels_are_warned_about(tmp_path, capsys, fresh_warnings):
     web = tmp_path / "web"
     write_split([{"__key__": f"k{i}", "png": grey(i), "json": {"caption": "c"}} for i in range(3)], str(web))
     assert resolve_data(str(web)).num_classes == 0 and capsys.readouterr().err == ""
+
+
+def test_a_walked_shard_is_not_walked_again_until_it_changes(tmp_path, monkeypatch):
+    """A resume (a new process) reads the kept record instead of walking the headers again; a
+    shard written anew is walked again, and a damaged copy is still refused."""
+    from genscale.data import tarscan
+
+    monkeypatch.setenv("GENSCALE_CACHE", str(tmp_path / "cache"))
+    path = os.path.join(shards(tmp_path, [[0, 1, 2, 2]]), "000000.tar")
+    walks = []
+    real_scan = tarscan._scan
+    monkeypatch.setattr(tarscan, "_scan", lambda p: walks.append(p) or real_scan(p))
+    for _ in range(2):
+        monkeypatch.setattr(tarscan, "_SCANNED", {})  # a new process: nothing in memory
+        labels = tarscan.scan_shard(path)
+        assert (labels.samples, dict(labels.counts)) == (4, {0: 1, 1: 1, 2: 2})
+    assert walks == [path]
+    data = bytearray(open(path, "rb").read())
+    damage_header(data, member_offsets(path)[3])
+    with open(path, "wb") as fh:
+        fh.write(bytes(data))
+    os.utime(path, ns=(1, 1))  # another modification time, whatever the clock's resolution
+    monkeypatch.setattr(tarscan, "_SCANNED", {})
+    with pytest.raises(UserError, match="is damaged"):
+        tarscan.scan_shard(path)
+    assert walks == [path, path]
