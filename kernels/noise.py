@@ -167,7 +167,8 @@ def eps_loss(pred: torch.Tensor, seed: int | torch.Tensor, offset: int = 0, kind
 
     eps is the one q_sample drew with the same (seed, offset) for a tensor of pred's shape; it is
     drawn again in the backward pass instead of being stored. Returns a scalar: fp32 (fp64 for
-    fp64 pred); NaN for an empty pred, as torch's mean. First-order gradients only.
+    fp64 pred); NaN for an empty pred, as torch's mean. The Triton path's gradient is first-order
+    only (differentiating it again raises; see kernels/_autograd.py).
     """
     _check_like(pred)
     seed, offset = check_seed_offset(seed, offset)
