@@ -78,8 +78,19 @@ def _rough_time(calls: list[Callable[[], Any]], device: torch.device) -> float:
 
 def measure(benchmark, fn: Callable[..., Any], sets: list[Sequence[Any]], device: torch.device,
             use_graph: bool = True) -> tuple[float, str]:
-    """Seconds per call of ``fn(*inputs)`` and the timing method ("graph" or "stream")."""
-    calls = [lambda args=args: fn(*args) for args in sets]
+    """Seconds per call of ``fn(*inputs)`` and the timing method ("graph" or "stream").
+
+    Each set's output is kept until that set's next call, so the writes rotate over fresh memory as
+    the reads do: an output dropped at once would hand the same block to the next call, and its
+    lines, rewritten while still in L2, might never reach DRAM (overstating bandwidth)."""
+    outputs: list[Any] = [None] * len(sets)
+
+    def make_call(i: int, args: Sequence[Any]) -> Callable[[], None]:
+        def call() -> None:
+            outputs[i] = fn(*args)  # the new output is allocated while the previous one is alive
+        return call
+
+    calls = [make_call(i, args) for i, args in enumerate(sets)]
     for call in calls:  # compile / autotune / first-touch outside the timed region
         call()
     sync(device)

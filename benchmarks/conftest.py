@@ -118,6 +118,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "triton": triton_version,
         "python": platform.python_version(),
         "cuda": torch.version.cuda,
+        # tuning knobs and benchmark settings in effect: two runs with different ones must not look alike
+        "env": {k: v for k, v in sorted(os.environ.items())
+                if k.startswith(("GENSCALE_", "TRITON_", "TORCHINDUCTOR_", "BENCH_"))
+                and k not in ("BENCH_OUT", "BENCH_NAME", "BENCH_COMMIT")},
     }
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(os.environ.get("BENCH_OUT") or REPO / "runs" / "benchmarks" / f"{facts.get('device_type', 'x')}-{stamp}")

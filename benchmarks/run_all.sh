@@ -6,9 +6,13 @@
 #   benchmarks/run_all.sh tests gn        # a subset (e.g. two device calls: "tests gn", "noise unet")
 #
 # Estimates on an H100 with cold compile caches: tests 2-3 min, gn 4-5 min, noise 1-2 min, unet
-# 3-4 min, host < 1 min; a 10-minute call fits "tests gn" or "noise unet". BENCH_QUICK=1 trims the shapes.
-# Each stage has its own time limit (LIMIT_<STAGE> seconds) and is interrupted cleanly at it:
-# what was measured so far is still written. Files in $OUT (8 at most come back from a device call):
+# 4-6 min (8 variants), host < 1 min: all of them take two or three device calls (10 minutes each at
+# most), e.g. "tests host noise", then "unet", then "gn". BENCH_QUICK=1 trims the shapes.
+# Each stage has its own time limit (LIMIT_<STAGE> seconds) and is interrupted cleanly at it (what
+# was measured so far is still written); all stages together stop at TOTAL_LIMIT (default 560 s,
+# under the device's 600 s per command): a later stage gets what is left, or is skipped. Results
+# are merged into $OUT after every stage, so a command killed from outside still returns what the
+# finished stages measured. Files in $OUT (8 at most come back from a device call):
 #   env.txt run.log tests_junit.xml results.json summary.md raw.tar.gz
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -31,12 +35,30 @@ stages=("$@")
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
+DEADLINE=$((SECONDS + ${TOTAL_LIMIT:-560}))
+
+publish() {  # the finished stages' results into $OUT (merged: at most 8 files come back)
+  shopt -s nullglob
+  local parts=("$STAGE_DIR"/results_*.json)
+  shopt -u nullglob
+  [ ${#parts[@]} -gt 0 ] || return 0
+  "$PY" benchmarks/summarize.py --merge-json "$OUT/results.json" "${parts[@]}" >"$OUT/summary.md" 2>>"$LOG"
+  tar -czf "$OUT/raw.tar.gz" -C "$STAGE_DIR" .
+}
+
 run_stage() {  # name, limit in seconds, command...
   local name=$1 limit=$2 t0=$SECONDS
+  local left=$((DEADLINE - SECONDS - 15))  # 15 s for the interrupt, the merge and the tar
   shift 2
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 30 ]; then
+    echo "=== $name: skipped, ${left}s left of TOTAL_LIMIT" | tee -a "$LOG"
+    return
+  fi
   echo "=== $name (limit ${limit}s)" | tee -a "$LOG"
-  timeout --signal=INT --kill-after=30 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$LOG"
+  publish
 }
 
 XDIST=()
@@ -50,7 +72,7 @@ for stage in "${stages[@]}"; do
           --benchmark-json="$STAGE_DIR/raw_gn.json" ;;
     noise) run_stage noise "${LIMIT_NOISE:-180}" env BENCH_NAME=results_noise "${BENCH[@]}" benchmarks/test_bench_noise.py \
              --benchmark-json="$STAGE_DIR/raw_noise.json" ;;
-    unet) run_stage unet "${LIMIT_UNET:-270}" env BENCH_NAME=results_unet "${BENCH[@]}" benchmarks/test_bench_unet.py \
+    unet) run_stage unet "${LIMIT_UNET:-520}" env BENCH_NAME=results_unet "${BENCH[@]}" benchmarks/test_bench_unet.py \
             --benchmark-json="$STAGE_DIR/raw_unet.json" ;;
     host) run_stage host "${LIMIT_HOST:-60}" env BENCH_NAME=results_host "${BENCH[@]}" benchmarks/test_bench_host.py \
             --benchmark-json="$STAGE_DIR/raw_host.json" ;;
@@ -58,10 +80,4 @@ for stage in "${stages[@]}"; do
   esac
 done
 
-shopt -s nullglob
-parts=("$STAGE_DIR"/results_*.json)
-if [ ${#parts[@]} -gt 0 ]; then
-  "$PY" benchmarks/summarize.py --merge-json "$OUT/results.json" "${parts[@]}" >"$OUT/summary.md" 2>>"$LOG"
-  tar -czf "$OUT/raw.tar.gz" -C "$STAGE_DIR" .
-  cat "$OUT/summary.md"
-fi
+[ -f "$OUT/summary.md" ] && cat "$OUT/summary.md"

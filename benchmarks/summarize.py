@@ -27,8 +27,22 @@ def _fmt_time(s: float | None) -> str:
     return f"{s * 1e3:.3f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
 
 
+def _cell(row: dict[str, Any], case_rows: dict[str, dict[str, Any]]) -> str:
+    """A row's time; "(stream)" when a kernel row's CUDA-graph capture failed and the Python calls
+    were timed instead (their host cost included), unlike the graph-timed rows beside it. (The
+    U-Net step times Python calls on purpose, except its "+graph" variants; a CPU run has no graphs.)"""
+    mixed = any(r.get("timing") == "graph" for r in case_rows.values())
+    fell_back = row.get("timing") == "stream" and row.get("suite") != "unet" and mixed
+    return _fmt_time(row["time_s"]) + (" (stream)" if fell_back else "")
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return b / a if a and b else None
+
+
+def _comparable(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Both rows timed the same way (a ratio of a graph-timed and a stream-timed row means little)."""
+    return bool(a and b) and a.get("timing") == b.get("timing")
 
 
 def _by_case(rows: list[dict[str, Any]], suite: str) -> dict[str, dict[str, dict[str, Any]]]:
@@ -53,10 +67,10 @@ def _target_checks(suite: str, case: str, v: dict[str, dict[str, Any]]) -> list[
     if tri is None:
         return []
     eager, comp = v.get("eager"), v.get("compile")
-    speed_e = _ratio(tri["time_s"], eager["time_s"]) if eager else None
-    speed_c = _ratio(tri["time_s"], comp["time_s"]) if comp else None
-    frac = tri.get("fraction_of_copy_bw")
-    out = []
+    speed_e = _ratio(tri["time_s"], eager["time_s"]) if _comparable(tri, eager) else None
+    speed_c = _ratio(tri["time_s"], comp["time_s"]) if _comparable(tri, comp) else None
+    frac = tri.get("fraction_of_copy_bw") if tri.get("timing") != "stream" else None
+    out = [] if _comparable(tri, eager) and _comparable(tri, comp) else ["timing differs: see (stream) cells"]
     if suite == "group_norm" and "bfloat16" in case and _numel(case) >= LARGE:
         need_e = 4.0 if " cl" in case else 2.0
         out += [_check(f"{frac:.0%} of copy bw" if frac else "bw -", bool(frac and frac >= 0.75)),
@@ -114,6 +128,8 @@ def markdown(payload: dict[str, Any]) -> str:
         + (f" | bf16 matmul: {meta['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s" if meta.get("matmul_bf16_flops") else ""),
         "",
     ]
+    if meta.get("env"):
+        lines[-1:-1] = ["Settings: " + ", ".join(f"{k}={v}" for k, v in meta["env"].items())]
     lines += ["Rows marked L2: the rotation of input sets is smaller than 4x the L2 cache, so part of the",
               "traffic is served from cache and the bandwidth overstates DRAM speed (small shapes only).", ""]
     for suite in ("group_norm", "noise", "unet"):
@@ -128,9 +144,9 @@ def markdown(payload: dict[str, Any]) -> str:
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for case, v in cases.items():
             tri = _fused(suite, v)
-            cells = [case] + [_fmt_time(v[p]["time_s"]) if p in v else "-" for p in present]
-            se = _ratio(tri["time_s"], v["eager"]["time_s"]) if tri and "eager" in v else None
-            sc = _ratio(tri["time_s"], v["compile"]["time_s"]) if tri and "compile" in v else None
+            cells = [case] + [_cell(v[p], v) if p in v else "-" for p in present]
+            se = _ratio(tri["time_s"], v["eager"]["time_s"]) if _comparable(tri, v.get("eager")) else None
+            sc = _ratio(tri["time_s"], v["compile"]["time_s"]) if _comparable(tri, v.get("compile")) else None
             cells += [f"{se:.2f}x" if se else "-", f"{sc:.2f}x" if sc else "-"]
             if suite == "unet":
                 mfu = tri["extra"].get("mfu") if tri else None

@@ -13,6 +13,10 @@ negligible), no synchronisation inside the timed loop. Variants:
 * ``eager``: the same computation in plain PyTorch ops, as eager code would write it.
 * ``autograd floor``: an autograd.Function that only allocates its outputs: the least any
   Python-level op with a backward costs.
+
+Gradients are taken with ``torch.autograd.grad`` (``.backward()`` would also add into the leaves'
+``.grad`` on every call after the first: extra ops in every variant; numbers measured before
+2026-11-23 include them).
 """
 from __future__ import annotations
 
@@ -68,14 +72,14 @@ def _cases(device: torch.device) -> dict:
             kernels.group_norm_silu(x, w, b, G)
 
     def gn_fwdbwd():
-        kernels.group_norm_silu(x, w, b, G).backward(dy)
+        torch.autograd.grad(kernels.group_norm_silu(x, w, b, G), (x, w, b), dy)
 
     def eager_gn_fwd():
         with torch.no_grad():
             F.silu(F.group_norm(x, G, w, b))
 
     def eager_gn_fwdbwd():
-        F.silu(F.group_norm(x, G, w, b)).backward(dy)
+        torch.autograd.grad(F.silu(F.group_norm(x, G, w, b)), (x, w, b), dy)
 
     def q_sample():
         kernels.q_sample(x0, t, abar, seed=5)
@@ -85,17 +89,17 @@ def _cases(device: torch.device) -> dict:
         a.sqrt() * x0 + (1 - a).sqrt() * torch.randn_like(x0)
 
     def loss():
-        kernels.eps_loss(pred, 5).backward()
+        torch.autograd.grad(kernels.eps_loss(pred, 5), pred)
 
     def eager_loss():
-        F.mse_loss(pred, torch.randn_like(pred)).backward()
+        torch.autograd.grad(F.mse_loss(pred, torch.randn_like(pred)), pred)
 
     return {
         f"gn fwd {N}x{C}x{HW}x{HW} cl": {"wrapper": gn_fwd, "triton": gn_fwd, "triton jit": gn_fwd,
                                          "eager": eager_gn_fwd},
         f"gn fwd+bwd {N}x{C}x{HW}x{HW} cl": {"wrapper": gn_fwdbwd, "triton": gn_fwdbwd, "triton jit": gn_fwdbwd,
                                              "eager": eager_gn_fwdbwd,
-                                             "autograd floor": lambda: _Floor.apply(x, w, b).backward(dy)},
+                                             "autograd floor": lambda: torch.autograd.grad(_Floor.apply(x, w, b), (x, w, b), dy)},
         f"q_sample {N}x3x32x32": {"wrapper": q_sample, "triton": q_sample, "eager": eager_q_sample},
         f"eps_loss fwd+bwd {N}x3x32x32": {"wrapper": loss, "triton": loss, "eager": eager_loss},
     }

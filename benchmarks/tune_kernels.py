@@ -105,8 +105,8 @@ def host_rows() -> list[dict]:
     cases = {
         "eager group_norm+silu fwd": lambda: F.silu(F.group_norm(x, 32, w, b)),
         "fused group_norm_silu fwd": lambda: kernels.group_norm_silu(x, w, b, 32),
-        "eager group_norm+silu fwd+bwd": lambda: F.silu(F.group_norm(xg, 32, w, b)).backward(dy),
-        "fused group_norm_silu fwd+bwd": lambda: kernels.group_norm_silu(xg, w, b, 32).backward(dy),
+        "eager group_norm+silu fwd+bwd": lambda: torch.autograd.grad(F.silu(F.group_norm(xg, 32, w, b)), xg, dy),
+        "fused group_norm_silu fwd+bwd": lambda: torch.autograd.grad(kernels.group_norm_silu(xg, w, b, 32), xg, dy),
         "fused q_sample (one launch)": lambda: kernels.q_sample(x, t, abar, seed=1, offset=2),
         "torch.add (one launch)": lambda: torch.add(x, x),
     }
@@ -114,9 +114,21 @@ def host_rows() -> list[dict]:
     for name, fn in cases.items():
         with torch.no_grad() if "bwd" not in name else torch.enable_grad():
             row = {"op": "host", "shape": name, "us_per_call": _host_us(fn)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        _emit(rows, row)
     return rows
+
+
+_JSON_LINES: Path | None = None  # --json: every row is appended as it is measured
+
+
+def _emit(rows: list[dict], row: dict) -> None:
+    """Keep, print and (with --json) append a row at once: a command killed at the device's time
+    limit still returns the rows measured so far."""
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    if _JSON_LINES is not None:
+        with _JSON_LINES.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
 
 
 def copy_bandwidth() -> float:
@@ -142,8 +154,8 @@ def gn_rows(copy_gbs: float) -> list[dict]:
                 with torch.no_grad():
                     kernels.group_norm_silu(x, wt, bs, 32)
 
-            def fwdbwd():
-                kernels.group_norm_silu(xg, wt, bs, 32).backward(dy)
+            def fwdbwd():  # autograd.grad: .backward() would also add into xg.grad every replay
+                torch.autograd.grad(kernels.group_norm_silu(xg, wt, bs, 32), xg, dy)
 
             for mode, fn, bytes_per in (("fwd", fwd, 4), ("fwdbwd", fwdbwd, 10)):
                 row = {"op": "group_norm", "shape": "x".join(map(str, shape)), "layout": layout, "mode": mode}
@@ -153,11 +165,11 @@ def gn_rows(copy_gbs: float) -> list[dict]:
                         row[name] = us
                     except Exception as exc:  # a plan that does not compile or fit is a result too
                         row[name] = f"error: {str(exc).splitlines()[0][:80]}"
-                best = min((v, k) for k, v in row.items() if k in GN_CONFIGS and isinstance(v, float))
-                row["best"] = best[1]
-                row["best_pct_copy"] = 100 * bytes_per * x.numel() / best[0] / 1e3 / copy_gbs
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                timed = [(v, k) for k, v in row.items() if k in GN_CONFIGS and isinstance(v, float)]
+                if timed:  # every config may fail (a sticky CUDA error): keep the row, go on
+                    row["best"] = min(timed)[1]
+                    row["best_pct_copy"] = 100 * bytes_per * x.numel() / min(timed)[0] / 1e3 / copy_gbs
+                _emit(rows, row)
     return rows
 
 
@@ -171,7 +183,7 @@ def noise_rows(copy_gbs: float) -> list[dict]:
     pred = x.detach().requires_grad_()
     cases = {
         "q_sample": (lambda: kernels.q_sample(x, t, abar, seed=1, offset=2), 2),
-        "loss_fwdbwd": (lambda: kernels.eps_loss(pred, 1, 2).backward(), 3),
+        "loss_fwdbwd": (lambda: torch.autograd.grad(kernels.eps_loss(pred, 1, 2), pred), 3),
         "ddpm_cfg": (lambda: kernels.ddpm_step(x, e1, t, abar, eps_cond=e2, guidance_scale=2.0, seed=1, offset=2), 4),
     }
     for name, (fn, bytes_per) in cases.items():
@@ -184,22 +196,28 @@ def noise_rows(copy_gbs: float) -> list[dict]:
                 row[config] = _with_env(env, lambda: _bench(fn))
             except Exception as exc:
                 row[config] = f"error: {str(exc).splitlines()[0][:80]}"
-        best = min(v for k, v in row.items() if k in configs and isinstance(v, float))
-        row["best_pct_copy"] = 100 * bytes_per * x.numel() / best / 1e3 / copy_gbs
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        timed = [v for k, v in row.items() if k in configs and isinstance(v, float)]
+        if timed:
+            row["best_pct_copy"] = 100 * bytes_per * x.numel() / min(timed) / 1e3 / copy_gbs
+        _emit(rows, row)
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None,
+                        help="append each row to this file as a JSON line, as soon as it is measured")
     parser.add_argument("--only", choices=("gn", "noise", "host"), default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_kernels.py needs a CUDA GPU.")
     copy_gbs = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()} copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
+    global _JSON_LINES
+    _JSON_LINES = args.json
+    if args.json:
+        with args.json.open("a") as fh:
+            fh.write(json.dumps({"op": "device", "name": torch.cuda.get_device_name(), "copy_gbs": copy_gbs}) + "\n")
     rows = []
     if args.only == "host":
         rows += host_rows()
@@ -207,8 +225,6 @@ def main() -> None:
         rows += noise_rows(copy_gbs)
     if args.only in (None, "gn"):
         rows += gn_rows(copy_gbs)
-    if args.json:
-        args.json.write_text(json.dumps({"copy_gbs": copy_gbs, "rows": rows}, indent=1))
     print("\n| case | " + " | ".join(list(GN_CONFIGS) + ["best", "% copy"]) + " |")
     for r in rows:
         if r["op"] == "host":
@@ -218,7 +234,8 @@ def main() -> None:
         named = "fast" in r  # the noise rows have their own columns: name each cell
         cells = [(f"{k} " if named else "") + (f"{r[k]:.1f}" if isinstance(r[k], float) else r[k][:20]) for k in keys]
         label = " ".join(str(r.get(k, "")) for k in ("op", "shape", "layout", "mode")).strip()
-        print(f"| {label} | " + " | ".join(cells) + f" | {r.get('best', '')} | {r['best_pct_copy']:.0f}% |")
+        pct = f"{r['best_pct_copy']:.0f}%" if "best_pct_copy" in r else "-"
+        print(f"| {label} | " + " | ".join(cells) + f" | {r.get('best', '')} | {pct} |")
 
 
 if __name__ == "__main__":
