@@ -40,6 +40,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _steps(t: torch.Tensor | int, n: int, device: torch.device, timesteps: int, name: str = "t",
            final_ok: bool = False) -> torch.Tensor:
     """t as int64 [n] on ``device``; with ``final_ok`` (t_prev) negative values mean the final step."""
+    given_int = t if not torch.is_tensor(t) else None
     t = torch.as_tensor(t)
     if (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.dim() > 1
             or (t.dim() == 1 and t.shape[0] != n)):
@@ -53,7 +54,12 @@ def _steps(t: torch.Tensor | int, n: int, device: torch.device, timesteps: int, 
             allowed = f"below {timesteps} (negative: the final step)" if final_ok else f"in [0, {timesteps})"
             raise ValueError(f"{name} must lie {allowed} for a schedule of {timesteps} steps; "
                              f"got values from {low} to {high}")
-    return t.to(device=device, dtype=torch.int64).expand(n).contiguous()
+    if given_int is not None and t.dim() == 0:
+        # Filled on the device, not copied there: a copy from host memory waits for the stream, so
+        # a sampler passing its next timestep as an int synchronised with the GPU at every step
+        # (the GPU then idles while the host issues the next step's kernels).
+        return torch.full((n,), int(given_int), dtype=torch.int64, device=device)
+    return t.to(device=device, dtype=torch.int64, non_blocking=True).expand(n).contiguous()
 
 
 def _table(alphas_cumprod: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -234,3 +234,17 @@ def test_tuning_overrides_name_the_bad_variable(device, monkeypatch):
     monkeypatch.setenv("GENSCALE_GN_SPLIT", "abc")
     with pytest.raises(ValueError, match="GENSCALE_GN_SPLIT must be an integer; got 'abc'"):
         kernels.group_norm_silu(x, None, None, 2)
+
+
+def test_int_timesteps_are_made_on_the_device_without_a_copy(monkeypatch):
+    """A copy from host memory to the GPU waits for the stream: a sampler passing t_prev as an int
+    synchronised with the GPU at every step. Ints are now filled on the device (no Tensor.to)."""
+    from kernels import noise
+
+    def no_copies(self, *args, **kwargs):
+        raise AssertionError("an int timestep was copied to the device")
+
+    monkeypatch.setattr(torch.Tensor, "to", no_copies)
+    t = noise._steps(7, 3, torch.device("meta"), T, "t_prev", final_ok=True)
+    assert t.device.type == "meta" and t.shape == (3,) and t.dtype == torch.int64
+    assert torch.equal(noise._steps(-1, 2, torch.device("cpu"), T, "t_prev", final_ok=True), torch.tensor([-1, -1]))
