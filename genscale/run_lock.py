@@ -37,7 +37,9 @@ def lock_run_folder(out: Path) -> None:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise UserError(f"{out} is being trained by {holder}; wait for it to end or choose another --out",
+        # (A node that died holding the lock on NFS may leave it held: then deleting .lock is safe.)
+        raise UserError(f"{out} is being trained by {holder}; wait for it to end or choose another --out "
+                        f"(if that process is gone, e.g. its node failed, delete {out / '.lock'})",
                         exit_code=1) from None
     except OSError:  # e.g. ENOLCK on a mount without locks
         handle.close()

@@ -193,3 +193,17 @@ def test_a_walked_shard_is_not_walked_again_until_it_changes(tmp_path, monkeypat
     with pytest.raises(UserError, match="is damaged"):
         tarscan.scan_shard(path)
     assert walks == [path, path]
+
+
+def test_a_shard_without_images_is_refused_naming_it(tmp_path):
+    """Shards are split across ranks: a rank whose share held only such a shard waited for a batch
+    forever, and the other ranks hung in their first collective."""
+    folder = shards(tmp_path, [[0, 1]])
+    empty = os.path.join(folder, "000001.tar")
+    with tarfile.open(empty, "w") as tar:
+        for i in range(3):
+            info = tarfile.TarInfo(f"k{i}.txt")
+            info.size = 5
+            tar.addfile(info, io.BytesIO(b"hello"))
+    with pytest.raises(UserError, match=r"000001\.tar holds no images"):
+        resolve_data(folder)

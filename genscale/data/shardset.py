@@ -167,7 +167,13 @@ def _check_tars(urls: list[str]) -> ShardLabels:
         if not _ends_like_a_tar(url):
             raise UserError(f"{url} is cut short (it lacks the end-of-archive blocks of a complete tar); "
                             "copy it again or write the shards anew.")
-        labels.add(scan_shard(url))  # also refuses a shard damaged in the middle
+        found = scan_shard(url)  # also refuses a shard damaged in the middle
+        if found.samples == 0:
+            # A rank whose share of the shards holds no image would wait for a batch forever while
+            # the others hang in their first collective (shards are split across ranks).
+            raise UserError(f"{url} holds no images ({', '.join(IMAGE_EXTENSIONS)}); remove it from the data or "
+                            "write the shards anew.")
+        labels.add(found)
     return labels
 
 
