@@ -288,3 +288,29 @@ def test_transparent_pixels_are_composited_onto_white():
     palette.save(buf, format="PNG", transparency=0)  # palette entry 0 is transparent
     img = decode_image(buf.getvalue())
     assert img.mode == "L" and np.asarray(img).tolist() == [[255, 90]]
+
+
+def test_every_shard_is_drawn_equally_often_across_ranks():
+    """Each rank draws the same number of shards uniformly from its own list. Split 6 shards over 4
+    ranks (slices of 2, 2, 1, 1), the shards of the short slices were drawn twice as often as the
+    others; now a rank keeps a disjoint slice only when the shards divide evenly."""
+    from collections import Counter
+    from itertools import islice
+
+    from genscale.data.stream import _ShardSource
+
+    def drawn(shards: int, world: int, draws: int = 1200) -> Counter:
+        urls = tuple(f"s{i}.tar" for i in range(shards))
+        counts: Counter = Counter()
+        for rank in range(world):
+            source = _ShardSource(urls=urls, resampled=True, seed=1, epoch=0, rank=rank, world_size=world,
+                                  split_shards=False)
+            counts.update(d["url"] for d in islice(source(), draws))
+        return counts
+
+    uneven = drawn(6, 4)
+    expected = 4 * 1200 / 6
+    assert set(uneven) == {f"s{i}.tar" for i in range(6)}
+    assert all(abs(n - expected) < 0.15 * expected for n in uneven.values()), uneven
+    even = drawn(8, 4)  # divides evenly: disjoint slices of 2, each shard still drawn equally often
+    assert all(abs(n - 4 * 1200 / 8) < 0.15 * 4 * 1200 / 8 for n in even.values()), even

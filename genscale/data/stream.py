@@ -108,7 +108,10 @@ class _ShardSource:
         worker, num_workers = _worker()
         if self.resampled:
             urls = list(self.urls)
-            if len(urls) >= self.world_size:  # disjoint data per rank when there is enough
+            # Disjoint shards per rank only when they divide evenly: every rank draws the same
+            # number of batches uniformly from its slice, so with slices of unequal length (6 shards
+            # on 4 ranks: 2, 2, 1, 1) the shards of the short slices were drawn twice as often.
+            if len(urls) >= self.world_size and len(urls) % self.world_size == 0:
                 urls = urls[self.rank::self.world_size]
             # A fresh ResampledShards per iteration: its internal epoch counter always starts
             # at 0, so every iteration of the loader replays the same draws.
