@@ -16,6 +16,10 @@
 # SIGTERM from SLURM reaches the step directly and this shell only waits for it to end. At the
 # time limit (Reason=TimeLimit) the shell requeues the job as after a warning; after scancel,
 # a preemption or an outside `scontrol requeue`, SLURM decides whether the job runs again.
+#
+# GENSCALE_RESUMABLE=0 (eval.sbatch): the command keeps no checkpoint, so neither the warning nor the
+# time limit requeues the job: it would only start again from zero (an evaluation that outlasts
+# --time, forever) or repeat one that had just finished. --time must cover the whole command.
 
 _genscale_log() { echo "genscale $(date +%H:%M:%S): $*"; }
 
@@ -33,6 +37,10 @@ _genscale_job_field() {
 }
 
 _genscale_on_usr1() {
+    if [[ ${GENSCALE_RESUMABLE:-1} == 0 ]]; then
+        _genscale_log "warning signal (USR1) before the time limit: this command cannot resume, so it runs on"
+        return
+    fi
     _genscale_stopping=1
     _genscale_requeue=1
     _genscale_log "warning signal (USR1) before the time limit: asking every rank to save and stop"
@@ -43,7 +51,7 @@ _genscale_on_term() {
     _genscale_stopping=1
     local reason
     reason=$(_genscale_job_field Reason)
-    if [[ $reason == TimeLimit ]]; then
+    if [[ $reason == TimeLimit && ${GENSCALE_RESUMABLE:-1} != 0 ]]; then
         _genscale_requeue=1
         _genscale_log "SIGTERM at the time limit: the step got it too; the job requeues once it has ended"
     else

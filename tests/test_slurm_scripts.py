@@ -91,3 +91,29 @@ def test_sweep_errors_are_one_line(tmp_path):
     assert proc.returncode == 2 and "holds 2: use --array=0-1" in proc.stderr
     proc = sweep({"SLURM_ARRAY_TASK_ID": "0", "SLURM_JOB_ID": "5"}, "--configs", str(tmp_path / "missing.txt"))
     assert proc.returncode == 2 and "cannot read" in proc.stderr
+
+
+def _handlers(resumable: str, reason: str) -> str:
+    """common.sh's USR1 and TERM handlers with scontrol/scancel stubbed: whether each asks for a requeue."""
+    script = f"""
+        scontrol() {{ echo "JobId=1 Reason={reason} Restarts=0"; }}
+        scancel() {{ :; }}
+        source {shlex.quote(str(SLURM / 'common.sh'))}
+        GENSCALE_JOB=1
+        {"export GENSCALE_RESUMABLE=0" if resumable == "0" else ""}
+        _genscale_requeue=0; _genscale_on_usr1 >/dev/null; echo "usr1=$_genscale_requeue"
+        _genscale_requeue=0; _genscale_on_term >/dev/null; echo "term=$_genscale_requeue"
+    """
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+def test_a_command_without_checkpoints_is_never_requeued_at_the_time_limit():
+    """eval.sbatch: requeued at the warning, a finished evaluation ran again in full, and one longer
+    than --time started over forever. Training still requeues at the warning and the time limit."""
+    assert _handlers("1", "TimeLimit") == ["usr1=1", "term=1"]
+    assert _handlers("0", "TimeLimit") == ["usr1=0", "term=0"]
+    assert _handlers("1", "Preempted") == ["usr1=1", "term=0"]  # a cancel or preemption: SLURM decides
+    eval_text = (SLURM / "eval.sbatch").read_text()
+    assert "export GENSCALE_RESUMABLE=0" in eval_text and "--signal=B:USR1" not in eval_text
