@@ -184,6 +184,20 @@ def test_reference_statistics_are_cached_by_split_features_and_resolution(judge_
     assert frechet_distance(train8.feats, test8.feats) < 3
 
 
+def test_reference_features_gather_a_digest_per_image_not_its_pixels(judge_ext, tmp_path, monkeypatch):
+    """Every rank's (key, tie-breaker, features) rows are gathered to every rank; the tie-breaker
+    was the image itself (~10 GB per GPU for 50k images of 256 px). Now a 32-byte digest, and the
+    features are the same as with one process reading everything."""
+    monkeypatch.setenv("GENSCALE_CACHE", str(tmp_path))
+    gathered = []
+    real_gather = ref_mod.gather_objects
+    monkeypatch.setattr(ref_mod, "gather_objects", lambda part, acc: gathered.extend(part) or real_gather(part, acc))
+    feats = ref_mod.split_features("digits", "test", judge_ext, 16, 1, use_cache=False)
+    assert len(gathered) == 359 and all(len(row[1]) == 32 for row in gathered)
+    keys, images, _ = ref_mod.load_split("digits", "test", 16, 1)
+    np.testing.assert_allclose(feats.feats, image_features(images, judge_ext), rtol=1e-6, atol=1e-6)
+
+
 def _fake_inception(folder: Path) -> torch.nn.Module:
     """A torchscript file shaped like clean-fid's: ``layers`` maps N x 3 x 299 x 299 to 2048."""
 
