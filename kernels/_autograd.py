@@ -4,6 +4,11 @@ A kernel's backward is a launch that autograd cannot see into, so under ``create
 gradient would come back as a constant: a gradient penalty built on it (R1, WGAN-GP) would then
 contribute nothing, silently. Such gradients are passed through an identity whose own backward
 raises, so the error comes only if the second-order path is actually taken.
+
+Both routes to a kernel's backward use it: the direct autograd.Functions of eager calls and the
+torch.library custom ops' autograd formulas (torch.compile's route; called eagerly, a custom op
+would otherwise fail with PyTorch's "no autograd formula was registered" for its backward op).
+Under torch.compile, aot_autograd refuses double backward itself before reaching either.
 """
 from __future__ import annotations
 
@@ -28,3 +33,10 @@ def first_order_only(grad: torch.Tensor | None, *inputs: torch.Tensor | None) ->
         return grad
     tracked = [t for t in inputs if t is not None and t.requires_grad]
     return _FirstOrderOnly.apply(grad, *tracked) if tracked else grad
+
+
+def first_order_only_all(grads: tuple, *inputs: torch.Tensor | None) -> tuple:
+    """``first_order_only`` for each gradient a backward returns (Nones stay None)."""
+    if not torch.is_grad_enabled():
+        return grads
+    return tuple(first_order_only(g, *inputs) for g in grads)

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch.library import triton_op, wrap_triton
 
+from kernels._autograd import first_order_only_all
 from kernels._group_norm_ops import _input_grads, _setup_context, backward, forward
 
 
@@ -38,7 +39,7 @@ def group_norm_silu_bwd_inline(dy: torch.Tensor, x: torch.Tensor, weight: Option
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     dx, dbdw = group_norm_silu_bwd_inline(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.act)
-    return _input_grads(dx, dbdw, weight, bias)
+    return first_order_only_all(_input_grads(dx, dbdw, weight, bias), dy, x, weight, bias)
 
 
 group_norm_silu_fwd_inline.register_autograd(_backward, setup_context=_setup_context)

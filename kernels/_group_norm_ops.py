@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from kernels._autograd import first_order_only
+from kernels._autograd import first_order_only_all
 from kernels._dispatch import compiling, env_int, env_values, sm_count
 from kernels._launch import direct_launch, launch
 
@@ -360,7 +360,8 @@ def _input_grads(dx, dbdw, weight, bias):
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     dx, dbdw = group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.act)
-    return _input_grads(dx, dbdw, weight, bias)
+    # create_graph=True: a second order through the kernels must fail, as on the direct route
+    return first_order_only_all(_input_grads(dx, dbdw, weight, bias), dy, x, weight, bias)
 
 
 group_norm_silu_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -380,10 +381,8 @@ class _Direct(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         dx, dbdw = backward(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.act)
-        grads = _input_grads(dx, dbdw, weight, bias)
-        if torch.is_grad_enabled():  # create_graph=True: a second order through the kernels must fail
-            grads = tuple(first_order_only(g, dy, x, weight, bias) for g in grads)
-        return grads
+        # create_graph=True: a second order through the kernels must fail
+        return first_order_only_all(_input_grads(dx, dbdw, weight, bias), dy, x, weight, bias)
 
 
 def group_norm_silu(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],

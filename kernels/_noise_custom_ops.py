@@ -112,7 +112,9 @@ def _loss_saved(ctx) -> tuple[torch.Tensor, int | torch.Tensor]:
 def _loss_backward(ctx, grad):
     pred, seed = _loss_saved(ctx)
     int_seed, seed_t = _split_seed(seed)
-    return (eps_loss_backward_op(grad, pred, int_seed, ctx.offset, ctx.l1, seed_t),) + (None,) * (ctx.num_inputs - 1)
+    dpred = eps_loss_backward_op(grad, pred, int_seed, ctx.offset, ctx.l1, seed_t)
+    # create_graph=True: refused with the direct route's error (not the missing backward-of-backward op's)
+    return (first_order_only(dpred, grad, pred),) + (None,) * (ctx.num_inputs - 1)
 
 
 eps_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
