@@ -17,6 +17,12 @@
 # time limit (Reason=TimeLimit) the shell requeues the job as after a warning; after scancel,
 # a preemption or an outside `scontrol requeue`, SLURM decides whether the job runs again.
 #
+# A command that completed is never requeued, even when the warning or the time limit came after
+# its last step (or while the warning was being passed on): the shell exports GENSCALE_STATUS_FILE
+# (on the shared file system, unique to the job; removed before the step starts and after it has
+# been read) and the launch's main process writes "finished" to it (genscale/run_status.py) once
+# the run has completed. Without that word the shell requeues as described above.
+#
 # GENSCALE_RESUMABLE=0 (eval.sbatch): the command keeps no checkpoint, so neither the warning nor the
 # time limit requeues the job: it would only start again from zero (an evaluation that outlasts
 # --time, forever) or repeat one that had just finished. --time must cover the whole command.
@@ -66,6 +72,29 @@ _genscale_forward() {
     scancel --signal=USR1 "$GENSCALE_JOB" || _genscale_log "scancel --signal=USR1 failed"
 }
 
+_genscale_status_prepare() {
+    # The submission directory: shared by every node (the job's log is written there too). An array
+    # task or a requeued job gets the same path back, so a word left by an earlier attempt is removed.
+    GENSCALE_STATUS_FILE="${SLURM_SUBMIT_DIR:-$PWD}/.genscale/status-${GENSCALE_JOB}"
+    if mkdir -p "${GENSCALE_STATUS_FILE%/*}" 2>/dev/null && rm -f "$GENSCALE_STATUS_FILE" 2>/dev/null \
+            && [[ ! -e $GENSCALE_STATUS_FILE ]]; then
+        export GENSCALE_STATUS_FILE
+    else
+        _genscale_log "cannot prepare ${GENSCALE_STATUS_FILE}:" \
+            "a command that completes after the warning is requeued anyway"
+        unset GENSCALE_STATUS_FILE
+    fi
+}
+
+_genscale_status_finished() {
+    # Whether the step's main process reported the command as completed; removes the file either way.
+    local word=""
+    [[ -n ${GENSCALE_STATUS_FILE:-} ]] || return 1
+    if [[ -f $GENSCALE_STATUS_FILE ]]; then read -r word < "$GENSCALE_STATUS_FILE"; fi
+    rm -f "$GENSCALE_STATUS_FILE"
+    [[ $word == finished ]]
+}
+
 # genscale_run SCRIPT [ARGS...]: run SCRIPT under `accelerate launch` on every node of the job;
 # exits with the step's status, or requeues the job when the warning (or the time limit) stopped it.
 genscale_run() {
@@ -89,6 +118,7 @@ genscale_run() {
     _genscale_stopping=0
     _genscale_requeue=0
     _genscale_last_forward=0
+    _genscale_status_prepare
     trap _genscale_on_usr1 USR1
     trap _genscale_on_term TERM
     local cpus=()
@@ -112,6 +142,12 @@ genscale_run() {
     wait "$step" 2>/dev/null
     local last=$?
     (( last != 127 )) && rc=$last
+    if _genscale_status_finished && (( _genscale_requeue )); then
+        # The warning (or the time limit) came after the last step: requeued, the job would only
+        # wait in the queue, start, and find nothing to do.
+        _genscale_log "the command finished (the step ended with exit code $rc), so no requeue"
+        _genscale_requeue=0
+    fi
     if (( _genscale_requeue )); then
         _genscale_log "the step stopped (exit $rc); requeueing job ${GENSCALE_JOB} to resume from its checkpoint"
         trap '' TERM   # the requeue terminates this shell; nothing is left to do
