@@ -66,7 +66,7 @@ XDIST=()
 BENCH=("$PY" -m pytest --benchmark-only -q -rs -p no:cacheprovider)
 for stage in "${stages[@]}"; do
   case "$stage" in
-    tests) run_stage tests "${LIMIT_TESTS:-240}" "$PY" -m pytest tests/kernels -m gpu -q -rs -p no:cacheprovider \
+    tests) run_stage tests "${LIMIT_TESTS:-240}" "$PY" -m pytest tests -m gpu -q -rs -p no:cacheprovider \
              "${XDIST[@]}" --junitxml="$OUT/tests_junit.xml" ;;
     gn) run_stage gn "${LIMIT_GN:-330}" env BENCH_NAME=results_gn "${BENCH[@]}" benchmarks/test_bench_group_norm.py \
           --benchmark-json="$STAGE_DIR/raw_gn.json" ;;

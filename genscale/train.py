@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 
+from genscale import run_status
 from genscale.cli import check_output_path, run_main
 from genscale.config import RunConfig, TrainConfig, parse_train_args
 from genscale.errors import UserError
@@ -167,14 +168,15 @@ def main(argv: list[str] | None = None) -> int:
         if autoencoder is None:  # stopped (SIGTERM, Ctrl-C) while training it: the same command resumes
             return 0
         run.options.autoencoder = autoencoder
-    return train(run)
+    if train(run) and os.environ.get("RANK", "0") == "0":
+        run_status.report_finished()  # complete: a SLURM job warned of its time limit needs no requeue
+    return 0
 
 
 def train_autoencoder_first(run: RunConfig) -> str | None:
     """``--model ldm`` without --autoencoder: train the ldm family's KL autoencoder recipe on the
     same data into OUT/autoencoder (a vae run of its own, resumed like any run); its folder, or
     None when it was stopped before its last step."""
-    from genscale.checkpoints import list_checkpoints
     from genscale.families.ldm import AUTOENCODER_FOLDER, AUTOENCODER_RECIPE
     from genscale.models.unet import level_resolutions
 
@@ -202,9 +204,9 @@ def train_autoencoder_first(run: RunConfig) -> str | None:
     ae_run = parse_train_args(argv)
     if os.environ.get("RANK", "0") == "0":
         print(f"ldm: no --autoencoder given, so a KL autoencoder is trained first into {out}", flush=True)
-    train(ae_run, last=False)
-    done = list_checkpoints(out)
-    return str(out) if done and done[-1][0] >= ae_run.train.steps else None
+    # Whether it finished comes from the training loop, which every rank left at the same step,
+    # not from each rank's directory listing (a shared filesystem's cache can differ per node).
+    return str(out) if train(ae_run, last=False) else None
 
 
 def check_before_writing(run: RunConfig) -> None:
@@ -214,8 +216,10 @@ def check_before_writing(run: RunConfig) -> None:
     check_same_run(run)
 
 
-def train(run: RunConfig, last: bool = True) -> int:
-    """Train one run; ``last`` False keeps the process group for a run that follows in the same launch."""
+def train(run: RunConfig, last: bool = True) -> bool:
+    """Train one run: True when it reached its last step, False when a stop request (SIGTERM,
+    Ctrl-C) ended it first, on every rank alike. ``last`` False keeps the process group for a run
+    that follows in the same launch."""
     cfg = run.train
     check_before_writing(run)
     from genscale.data import resolve_data
@@ -273,7 +277,8 @@ def train(run: RunConfig, last: bool = True) -> int:
         write_json_atomic(out / "config.json", record)
     if cfg.log_with:
         acc.init_trackers(out.name, config=run.to_dict()["train"])
-    return trainer.fit(end_training=last)
+    trainer.fit(end_training=last)
+    return trainer.finished
 
 
 def _num_machines(world: int) -> int:

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, broadcast
 from tqdm.auto import tqdm
 
 from genscale import checkpoints as ckpt
@@ -31,6 +31,7 @@ from genscale.errors import UserError
 from genscale.families.base import Batch, Family
 from genscale.preemption import StopRequest
 from genscale.run_files import MetricsLog, plot_losses, save_grid
+from genscale.step_logs import StepLogs
 
 BatchStream = Callable[[int], Iterator[Batch]]  # optimizer step to start at -> batches from there
 
@@ -108,6 +109,12 @@ class Trainer:
         self.progress = Progress(evaluator)
         self.stop = StopRequest()
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        # On a CPU reading a value costs nothing: the logs are read and the ranks agree on stops
+        # and divergence after every step. On a GPU every read waits for the queued kernels, so
+        # the logs are read only where the loop waits anyway (see genscale/step_logs.py).
+        self.read_every_step = accelerator.device.type == "cpu"
+        self._pending_vote: torch.Tensor | None = None
+        self.finished = False  # set by fit(): the run reached its last step (not stopped before it)
         if len(family.optimizers) > 1 and self.cfg.grad_accum > 1 and accelerator.mixed_precision == "fp16":
             # Accelerate has one GradScaler for all optimizers: its update() after the first
             # optimizer's step changes the scale between the second one's accumulated backwards.
@@ -213,6 +220,7 @@ class Trainer:
         start = self.progress.step
         if start >= cfg.steps:
             acc.print(f"run {self.out} is already at its last step ({start} of {cfg.steps}); nothing to do")
+            self.finished = True
             return 0
         if acc.is_main_process:
             # Rows after the checkpoint resumed from (or all rows, on a fresh start) belong to an
@@ -226,13 +234,12 @@ class Trainer:
         stream = self.batches(start)
         bar = tqdm(total=cfg.steps, initial=start, disable=not acc.is_main_process, dynamic_ncols=True,
                    desc=self.family.name or "train")
-        sums: dict[str, float] = {}
-        count, skipped, warning = 0, 0, ""
+        logs = StepLogs()
+        skipped = 0
         t_last, logged = time.perf_counter(), start  # a resumed run's first log may cover < log_every steps
         while self.progress.step < cfg.steps:
             step = self.progress.step
             lr = self.set_lr(step)
-            bad = False  # a non-finite loss in ANY micro-batch poisons the step's update
             for micro in range(cfg.grad_accum):
                 batch = next(stream)
                 skipped += int(batch.pop("skipped", 0))
@@ -240,34 +247,33 @@ class Trainer:
                          for k, v in batch.items()}
                 torch.manual_seed(step_seed(cfg.seed, acc.process_index, step, micro))
                 with acc.accumulate(*self.family.nets.values()):
-                    logs = self.family.training_step(batch, self.optimize)
-                bad = bad or any(isinstance(v, float) and not math.isfinite(v) for v in logs.values())
-                for k, v in logs.items():
-                    if isinstance(v, (int, float)):
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                    elif k == "warning" and v:
-                        warning = str(v)  # e.g. a GAN's "discriminator wins outright"
-                count += 1
+                    logs.add(step + 1, self.family.training_step(batch, self.optimize))
             self.ema.update({n: self.plain(n) for n in self.ema.nets})
-            self.progress.step = step + 1
-            stop_now, diverged = self._agree(self.stop.requested, bad)
+            self.progress.step = done = step + 1
+            bar.update(1)
+            log_due = done % cfg.log_every == 0 or done == cfg.steps
+            sample_due = bool(cfg.sample_every) and (done % cfg.sample_every == 0 or done == cfg.steps)
+            eval_due = self._eval_due(done)
+            if self.read_every_step:
+                stop_now, diverged = self._agree(self.stop.requested, self._read(logs, bar))
+            else:  # a GPU: read the logs only where the loop waits anyway, agree on stops one step late
+                stop_now = self._stop_vote(self.stop.requested)
+                save_due = done % cfg.ckpt_every == 0 or done == cfg.steps or stop_now
+                diverged = (log_due or sample_due or eval_due or save_due) and self._agree(False, self._read(logs, bar))[1]
             if diverged:
                 bar.close()
-                self._diverged(step + 1, "the loss")
-            bar.update(1)
-            bar.set_postfix({k: f"{v / max(count, 1):.4g}" for k, v in list(sums.items())[:3]})
-            done = self.progress.step
-            if done % cfg.log_every == 0 or done == cfg.steps:
+                self._diverged(logs.first_non_finite() or done, "the loss")
+            if log_due:
                 now = time.perf_counter()
-                self._log(done, sums, count, skipped, lr, (done - logged) / max(now - t_last, 1e-9))
-                if warning and acc.is_main_process:
-                    tqdm.write(f"warning at step {done}: {warning}")
-                    self.metrics.write({"step": done, "kind": "warning", "message": warning})
-                warning = ""
-                sums, count, t_last, logged = {}, 0, now, done
-            if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
+                self._log(done, logs.means(), skipped, lr, (done - logged) / max(now - t_last, 1e-9))
+                if logs.warning and acc.is_main_process:
+                    tqdm.write(f"warning at step {done}: {logs.warning}")
+                    self.metrics.write({"step": done, "kind": "warning", "message": logs.warning})
+                logs.clear()
+                t_last, logged = now, done
+            if sample_due:
                 self.write_grid(done)
-            best = self.evaluate(done) if self._eval_due(done) else False
+            best = self.evaluate(done) if eval_due else False
             if done % cfg.ckpt_every == 0 or done == cfg.steps or stop_now or best:
                 if self._agree(False, not self._weights_finite())[1]:  # never publish non-finite weights
                     bar.close()
@@ -275,7 +281,7 @@ class Trainer:
                 self.save()
             if best and acc.is_main_process:
                 ckpt.keep_as_best(self.out, done)
-            if stop_now:
+            if stop_now and done < cfg.steps:  # a stop at the last step finishes the run below
                 bar.close()
                 self.stop.uninstall()
                 acc.print(f"received {self.stop.received or 'a stop request on another rank'}: "
@@ -283,6 +289,7 @@ class Trainer:
                 return 0
         bar.close()
         self.stop.uninstall()
+        self.finished = True
         if acc.is_main_process:
             self.write_final_metrics()
             plot_losses(self.metrics.read(), self.out / "loss_curve.png")
@@ -308,7 +315,14 @@ class Trainer:
             tqdm.write(f"step {step}: {summary} ({int(result.get('eval_num', 0))} samples)")
         if self.cfg.log_with:
             self.acc.log({f"eval/{k}": v for k, v in result.items()}, step=step)
-        return bool(self.cfg.keep_best and result.get("is_best"))
+        best = bool(self.cfg.keep_best and result.get("is_best"))
+        if self.acc.num_processes > 1:
+            # Each rank scored the same gathered features, but a last-bit difference between their
+            # floating-point results would send one rank into the save's collectives alone: rank 0
+            # decides for all.
+            flag = torch.full((1,), float(best), device=self.acc.device)
+            best = bool(broadcast(flag, from_process=0).item() > 0)
+        return best
 
     def _diverged(self, step: int, what: str) -> None:
         kept = ("the last good checkpoint was kept" if ckpt.latest_checkpoint(self.out) is not None
@@ -323,6 +337,29 @@ class Trainer:
         flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
         return bool(torch.stack(flags).all()) if flags else True
 
+    def _read(self, logs: StepLogs, bar) -> bool:
+        """Read the pending logs (one device-to-host copy), let the family look at each micro-batch's
+        values (a GAN's monitor), show the window's means; True when one of them is not finite."""
+        rows = logs.read()
+        if rows and hasattr(self.family, "observe_logs"):
+            warning = self.family.observe_logs([row for _, row in rows])
+            logs.warning = warning or logs.warning
+        bar.set_postfix({k: f"{v:.4g}" for k, v in list(logs.means().items())[:3]})
+        return any(not math.isfinite(v) for _, row in rows for v in row.values())
+
+    def _stop_vote(self, stop: bool) -> bool:
+        """Whether any rank had been asked to stop one step ago, without waiting for the GPU.
+
+        Each step's flags are summed across ranks on the device (queued behind the step's kernels)
+        and read one step later, when that step's work is done or nearly: every rank reads the same
+        sum, so all stop after the same step."""
+        if self.acc.num_processes == 1:
+            return stop
+        flag = torch.full((1,), float(stop), device=self.acc.device)  # no host-to-device copy
+        flag = self.acc.reduce(flag, reduction="sum")
+        previous, self._pending_vote = self._pending_vote, flag
+        return previous is not None and bool(previous.item() > 0)
+
     def _agree(self, stop: bool, bad: bool) -> tuple[bool, bool]:
         """Every rank learns whether any rank was signalled or saw a non-finite loss."""
         flags = torch.tensor([float(stop), float(bad)], device=self.acc.device)
@@ -330,11 +367,9 @@ class Trainer:
             flags = self.acc.reduce(flags, reduction="sum")
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
-    def _log(self, step: int, sums: dict[str, float], count: int, skipped: int, lr: float,
-             steps_per_s: float) -> None:
-        keys = sorted(sums)
-        local = torch.tensor([sums[k] / max(count, 1) for k in keys] + [float(skipped)],
-                             dtype=torch.float64, device=self.acc.device)
+    def _log(self, step: int, means: dict[str, float], skipped: int, lr: float, steps_per_s: float) -> None:
+        keys = sorted(means)
+        local = torch.tensor([means[k] for k in keys] + [float(skipped)], dtype=torch.float64, device=self.acc.device)
         if self.acc.num_processes > 1:
             local = self.acc.reduce(local.float(), reduction="sum").double()
             local[:-1] /= self.acc.num_processes

@@ -86,11 +86,11 @@ def test_discriminator_wins_and_collapse_predicates():
 def test_batch_diversity_by_hand():
     # two images of 4 values at distance sqrt(4 * 1^2) -> RMS distance 1
     x = torch.stack([torch.zeros(1, 2, 2), torch.ones(1, 2, 2)])
-    assert batch_diversity(x) == pytest.approx(1.0)
+    assert float(batch_diversity(x)) == pytest.approx(1.0)
     # three images 0, 1, 3 (one value): pair distances 1, 3, 2 -> mean 2
-    assert batch_diversity(torch.tensor([[0.0], [1.0], [3.0]])) == pytest.approx(2.0)
+    assert float(batch_diversity(torch.tensor([[0.0], [1.0], [3.0]]))) == pytest.approx(2.0)
     same = torch.ones(8, 1, 4, 4)
-    assert diversity_ratio(same, torch.randn(8, 1, 4, 4)) == 0.0
+    assert float(diversity_ratio(same, torch.randn(8, 1, 4, 4))) == 0.0
 
 
 def run_monitor(steps: int, d_real: float, d_fake: float, diversity: float, monitor=None):

@@ -59,7 +59,7 @@ def test_loss_is_hole_mse_plus_weighted_known_mse():
     losses = []
     torch.manual_seed(5)  # the family draws the same masks from the global RNG
     logs = fam.training_step({"image": x}, plain_optimize(fam, losses))
-    assert losses[0] == pytest.approx(want, rel=1e-5) and logs["loss"] == pytest.approx(want, rel=1e-5)
+    assert losses[0] == pytest.approx(want, rel=1e-5) and float(logs["loss"]) == pytest.approx(want, rel=1e-5)
 
 
 def test_the_network_never_sees_hole_content_and_known_pixels_survive():

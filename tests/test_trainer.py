@@ -25,7 +25,8 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
-def train_toy(out, family_hook=None, **overrides) -> tuple[Trainer, int]:
+def train_toy(out, family_hook=None, deferred: bool = False, **overrides) -> tuple[Trainer, int]:
+    """``deferred``: read the logs as on a GPU (at log, checkpoint, grid and evaluation steps only)."""
     run = toy_run(str(out), **overrides)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -34,6 +35,7 @@ def train_toy(out, family_hook=None, **overrides) -> tuple[Trainer, int]:
         family_hook(family)
     acc = make_accelerator(run.train.grad_accum, out)
     trainer = Trainer(run, family, stream_factory(run.train.batch_size, run.train.grad_accum), acc)
+    trainer.read_every_step = not deferred
     return trainer, trainer.fit()
 
 
@@ -103,7 +105,8 @@ def test_finished_run_says_so(tmp_path, capsys):
     assert "already at its last step" in capsys.readouterr().out
 
 
-def test_signal_saves_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("deferred", [False, True])
+def test_signal_saves_and_exits_cleanly(tmp_path, deferred):
     def send_signal_on_third_call(family):
         original = family.training_step
 
@@ -114,7 +117,8 @@ def test_signal_saves_and_exits_cleanly(tmp_path):
 
         family.training_step = step
 
-    trainer, code = train_toy(tmp_path, family_hook=send_signal_on_third_call, steps=12, ckpt_every=100)
+    trainer, code = train_toy(tmp_path, family_hook=send_signal_on_third_call, steps=12, ckpt_every=100,
+                              deferred=deferred)
     assert code == 0
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3]
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
@@ -122,13 +126,64 @@ def test_signal_saves_and_exits_cleanly(tmp_path):
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def test_non_finite_loss_keeps_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("deferred", [False, True])
+def test_non_finite_loss_keeps_good_checkpoint(tmp_path, deferred):
     train_toy(tmp_path, steps=4)
     good = (tmp_path / "checkpoints" / "step-00000004" / "model.safetensors").read_bytes()
     with pytest.raises(UserError, match="non-finite"):
-        train_toy(tmp_path, steps=12, nan_at_step=1)
+        train_toy(tmp_path, steps=12, nan_at_step=1, deferred=deferred)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4]
     assert (tmp_path / "checkpoints" / "step-00000004" / "model.safetensors").read_bytes() == good
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_divergence_names_the_first_bad_step_and_publishes_nothing_after_it(tmp_path, deferred):
+    # The loss turns NaN in step 6. Read per step, training stops there; read as on a GPU (next read
+    # at the step-8 log and checkpoint), it stops at step 8 without saving it. Both name step 6.
+    with pytest.raises(UserError, match="non-finite at step 6;"):
+        train_toy(tmp_path, steps=12, nan_at_step=5, log_every=4, ckpt_every=4, deferred=deferred)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4]
+
+
+class CountedReads(torch.Tensor):
+    """A tensor that counts how often its values (or those of tensors made from it) reach the host."""
+
+    reads = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__bool__,
+                    torch.Tensor.numpy, torch.Tensor.cpu):
+            CountedReads.reads += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def count_log_reads(family):
+    original = family.training_step
+
+    def step(batch, optimize):
+        logs = original(batch, optimize)
+        return {"loss": logs["loss"].as_subclass(CountedReads)}
+
+    family.training_step = step
+
+
+def test_logs_left_on_the_device_are_read_once_per_window_with_the_same_values(tmp_path):
+    """On a GPU every read waits for the queued kernels: the loop must not read the loss each step."""
+    metrics = {}
+    for deferred in (False, True):
+        CountedReads.reads = 0
+        out = tmp_path / str(deferred)
+        train_toy(out, family_hook=count_log_reads, steps=12, log_every=4, ckpt_every=12, deferred=deferred)
+        reads = CountedReads.reads
+        if deferred:
+            assert reads == 3, reads  # steps 4, 8, 12: one read of every row of the window
+        else:
+            assert reads == 12, reads  # a CPU reads for free: after every step
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        metrics[deferred] = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+    assert [s for s, _ in metrics[True]] == [4, 8, 12]
+    assert metrics[True] == metrics[False]  # same means, whenever they were read
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):
@@ -179,3 +234,25 @@ def test_ema_update_equals_the_per_tensor_formula_bit_for_bit():
     for r, s in zip(reference, ema.nets["m"].parameters()):
         assert torch.equal(r, s)
     assert torch.equal(ema.nets["m"][1].running_mean, net[1].running_mean)
+
+
+def test_a_stop_request_in_the_last_step_still_finishes_the_run(tmp_path):
+    """Saved at its last step, the run is complete: the loss curve is drawn and it reports finished
+    (otherwise SLURM requeued it and the requeued job found nothing to do, never drawing the curve)."""
+    def signal_in_last_step(family):
+        original = family.training_step
+
+        def step(batch, optimize):
+            if family.calls == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return original(batch, optimize)
+
+        family.training_step = step
+
+    try:
+        trainer, code = train_toy(tmp_path, family_hook=signal_in_last_step, steps=4, ckpt_every=100)
+    finally:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    assert code == 0 and trainer.finished
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4]
+    assert (tmp_path / "loss_curve.png").exists()

@@ -43,7 +43,7 @@ class ToyFamily(Family):
         if 0 <= self.opts.nan_at_step < self.calls:
             loss = loss * float("nan")
         optimize(loss, "model")
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}  # left on the device: the trainer reads the logs in batches
 
     @torch.no_grad()
     def sample(self, n, labels=None, generator=None, **options):

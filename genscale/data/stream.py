@@ -236,8 +236,10 @@ def make_loader(shards: ShardSet, *, image_size: int, channels: int, batch_size:
     # A private generator: the DataLoader draws its base seed from it instead of from torch's
     # global RNG, which the trainer checkpoints and must find untouched.
     generator = torch.Generator().manual_seed(stream_seed(seed, epoch, rank, 0, _LOADER))
+    # Pinned batches on a GPU machine: the trainer's non_blocking copy from pinned memory is queued
+    # behind the step's kernels; from ordinary memory it waits for them (a host-GPU sync per batch).
     loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=num_workers,
-                           generator=generator, persistent_workers=False,
+                           generator=generator, persistent_workers=False, pin_memory=torch.cuda.is_available(),
                            worker_init_fn=ignore_stop_signals if num_workers else None)
     loader = loader.compose(_raise_user_errors)
     if resampled:

@@ -75,12 +75,14 @@ class NoiseSchedule:
     def to(self, device: torch.device | str) -> "NoiseSchedule":
         """Kept for call sites that move everything; tables are cast lazily, so this only warms the cache."""
         for name in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"):
-            self._table(name, torch.device(device), torch.float32)
+            self.table(name, torch.device(device), torch.float32)
         return self
 
     # -- coefficient lookup ------------------------------------------------------------------
 
-    def _table(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def table(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Table ``name`` (e.g. "alphas_cumprod") as ``dtype`` on ``device``, copied there once: a
+        copy from host memory per training step would wait for the GPU's queue every step."""
         key = (name, device, dtype)
         table = self._cache.get(key)
         if table is None:
@@ -93,7 +95,7 @@ class NoiseSchedule:
         """``name``'s table at ``t``, shaped [N, 1, ..., 1] to broadcast against ``x``."""
         if t.dim() != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"t must have shape [{x.shape[0]}] (one timestep per sample), got {tuple(t.shape)}")
-        table = self._table(name, x.device, x.dtype)
+        table = self.table(name, x.device, x.dtype)
         return table[t.to(x.device)].reshape(-1, *([1] * (x.dim() - 1)))
 
     def sample_timesteps(self, n: int, device: torch.device | str = "cpu",

@@ -45,8 +45,10 @@ class Family:
         self.nets: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
 
-    def training_step(self, batch: Batch, optimize: Optimize) -> dict[str, float]:
-        """One micro-batch: compute losses, call ``optimize`` per optimizer, return scalars to log."""
+    def training_step(self, batch: Batch, optimize: Optimize) -> dict[str, torch.Tensor | float]:
+        """One micro-batch: compute losses, call ``optimize`` per optimizer, return scalars to log:
+        0-dim tensors left on the device (``loss.detach()``, not ``loss.item()``, which waits for
+        the GPU; the trainer reads them all at once at the next log step) or plain numbers."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -57,7 +59,9 @@ class Family:
 
     # Optional: ``grid(generator) -> (images, images_per_row)`` replaces the periodic sample grid
     # (e.g. input | output | target rows), and a "warning" string in training_step's dict is
-    # printed and logged at the next logging step. ``final_metrics() -> dict[str, float]`` is
+    # printed and logged at the next logging step. ``observe_logs(rows) -> str`` receives the
+    # logged values on the host, one dict per micro-batch in order, whenever the trainer reads them
+    # (a GAN's monitor), and may return a warning. ``final_metrics() -> dict[str, float]`` is
     # called once with the EMA networks when training finishes (main process only): the trainer
     # prints it and logs it to metrics.jsonl (e.g. the VAE's negative ELBO on the test split).
 

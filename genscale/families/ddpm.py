@@ -126,7 +126,7 @@ class DDPM(Family):
         else:
             loss = diffusion_loss(self._model_fn, x0, labels, self.schedule, prediction="v", loss=self.opts.loss)
         optimize(loss, "model")
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
 
     def _fused_eps_loss(self, x0: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Forward noising and the eps loss through the fused kernels: eps is drawn from Philox at
@@ -134,7 +134,7 @@ class DDPM(Family):
         from torch's RNG, which the trainer re-seeds every step, so resume stays exact."""
         t = torch.randint(0, self.schedule.timesteps, (x0.shape[0],), device=x0.device)
         seed = int(torch.randint(0, 2**62, ()).item())
-        abar = self.schedule.alphas_cumprod.to(x0.device)
+        abar = self.schedule.table("alphas_cumprod", x0.device, torch.float64)
         x_t = kernels.q_sample(x0, t, abar, seed=seed)
         return kernels.eps_loss(self._model_fn(x_t, t, labels), seed, kind=self.opts.loss)
 

@@ -68,7 +68,7 @@ class Denoiser(Family):
         noisy = x + self.opts.sigma * torch.randn_like(x)
         loss = (self.nets["unet"](noisy).float() - x.float()).square().mean()
         optimize(loss, "unet")
-        return {"loss": float(loss.detach())}
+        return {"loss": loss.detach()}
 
     @torch.no_grad()
     def denoise(self, noisy: torch.Tensor) -> torch.Tensor:

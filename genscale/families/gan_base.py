@@ -91,15 +91,16 @@ class AdversarialFamily(Family):
 
     def observe(self, logs: dict, real_logits: torch.Tensor, fake_logits: torch.Tensor,
                 fake: torch.Tensor, real: torch.Tensor) -> dict:
-        """Add mean D(x), mean D(G(z)), the diversity ratio and any due warning to ``logs``."""
-        d_real = float(real_probability(real_logits).mean())
-        d_fake = float(real_probability(fake_logits).mean())
-        diversity = diversity_ratio(fake, real)
-        logs.update(d_real=d_real, d_fake=d_fake, diversity=diversity)
-        warning = self.monitor.update(d_real, d_fake, diversity)
-        if warning:
-            logs["warning"] = warning
+        """Add mean D(x), mean D(G(z)) and the diversity ratio to ``logs``, as tensors (no host sync)."""
+        logs.update(d_real=real_probability(real_logits).mean().detach(),
+                    d_fake=real_probability(fake_logits).mean().detach(), diversity=diversity_ratio(fake, real))
         return logs
+
+    def observe_logs(self, rows: list[dict[str, float]]) -> str:
+        """The trainer's read of the logged values, one row per micro-batch in order: the monitor
+        smooths them and returns the last warning that fell due ("" for none)."""
+        warnings = [self.monitor.update(row["d_real"], row["d_fake"], row["diversity"]) for row in rows]
+        return next((w for w in reversed(warnings) if w), "")
 
     def noise(self, n: int, z_dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """N(0, I) noise on the family's device; a given generator makes the same z on any device."""
@@ -157,7 +158,7 @@ class NoiseToImageGAN(AdversarialFamily):
 
         g_loss = self.generator_loss(fake, fake_labels)
         self.generator_step(g_loss, optimize)
-        logs = {"d_loss": float(d_loss.detach()), "g_loss": float(g_loss.detach())}
+        logs = {"d_loss": d_loss.detach(), "g_loss": g_loss.detach()}
         return self.observe(logs, real_logits, fake_logits, fake, real)
 
     @torch.no_grad()

@@ -23,6 +23,7 @@ from genscale.families.gan_reference import load_reference, pick
 from genscale.families.pix2pix import check_image_to_image_options, check_patch_layers
 from genscale.models.patchgan import PatchDiscriminator
 from genscale.models.pix2pix_unet import UNetGenerator
+from genscale.transfer import to_device
 
 GRID_ROWS = 8  # held-out images shown in the periodic masked | inpainted | original grid
 
@@ -96,7 +97,7 @@ class GANInpaint(AdversarialFamily):
 
     def training_step(self, batch: Batch, optimize: Optimize) -> dict[str, float]:
         x = batch["image"]
-        mask = random_masks(self.opts.mask, x.shape[0], tuple(x.shape[-2:])).to(x.device, x.dtype)
+        mask = to_device(random_masks(self.opts.mask, x.shape[0], tuple(x.shape[-2:])), x.device, x.dtype)
         d = self.nets["discriminator"]
         pred = self.predict(x, mask)
         filled = composite(x, pred, mask)
@@ -109,8 +110,8 @@ class GANInpaint(AdversarialFamily):
         g_adv = g_loss_nonsaturating(d(filled))
         g_loss = mse + self.opts.adv_weight * g_adv
         self.generator_step(g_loss, optimize)
-        logs = {"d_loss": float(d_loss.detach()), "g_loss": float(g_loss.detach()),
-                "hole_mse": float(mse.detach()), "g_adv": float(g_adv.detach())}
+        logs = {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), "hole_mse": mse.detach(),
+                "g_adv": g_adv.detach()}
         return self.observe(logs, real_logits, fake_logits, pred, x)
 
     @torch.no_grad()

@@ -21,19 +21,20 @@ def discriminator_wins(d_real: float, d_fake: float, margin: float = 0.05) -> bo
     return d_real > 1.0 - margin and d_fake < margin
 
 
-def batch_diversity(images: torch.Tensor) -> float:
-    """Mean RMS per-value distance between distinct images of a batch (NaN for fewer than two)."""
+def batch_diversity(images: torch.Tensor) -> torch.Tensor:
+    """Mean RMS per-value distance between distinct images of a batch, as a 0-dim tensor on the
+    images' device (NaN for fewer than two): the trainer reads it later, without a sync per step."""
     x = images.detach().float().flatten(1)
     n = x.shape[0]
     if n < 2:
-        return float("nan")
+        return torch.full((), math.nan, device=x.device)
     dist = torch.cdist(x, x) / math.sqrt(x.shape[1])
-    return float(dist.sum() / (n * (n - 1)))
+    return dist.sum() / (n * (n - 1))
 
 
-def diversity_ratio(fake: torch.Tensor, real: torch.Tensor) -> float:
+def diversity_ratio(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """Diversity of the generated batch over that of the real batch."""
-    return batch_diversity(fake) / max(batch_diversity(real), 1e-8)
+    return batch_diversity(fake) / batch_diversity(real).clamp(min=1e-8)
 
 
 def collapsed(ratio: float, threshold: float = 0.25) -> bool:

@@ -19,6 +19,7 @@ from genscale.families.base import Batch, DataInfo, Family, Optimize
 from genscale.families.gan_base import eval_mode
 from genscale.inpainting import check_masks, composite
 from genscale.models.inpaint_unet import InpaintUNet
+from genscale.transfer import to_device
 
 PREVIEW = 8  # images kept from the first batch for the periodic grids
 
@@ -80,17 +81,17 @@ class Inpaint(Family):
         x = batch["image"]
         if self.preview is None:
             self.preview = x[:PREVIEW].detach().clone()
-        mask = random_masks(self.opts.mask, x.shape[0], tuple(x.shape[-2:])).to(x.device, x.dtype)
+        mask = to_device(random_masks(self.opts.mask, x.shape[0], tuple(x.shape[-2:])), x.device, x.dtype)
         pred = self.predict(x, mask)
         hole = masked_mse(pred, x, 1 - mask)
         loss = hole
-        logs = {"hole_mse": float(hole.detach())}
+        logs = {"hole_mse": hole.detach()}
         if self.opts.known_weight > 0:
             known = masked_mse(pred, x, mask)
             loss = loss + self.opts.known_weight * known
-            logs["known_mse"] = float(known.detach())
+            logs["known_mse"] = known.detach()
         optimize(loss, "unet")
-        logs["loss"] = float(loss.detach())
+        logs["loss"] = loss.detach()
         return logs
 
     @torch.no_grad()

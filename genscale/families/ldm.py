@@ -161,7 +161,7 @@ class LDM(Family):
         loss = diffusion_loss(self._model_fn, z0, labels, self.schedule, prediction=self.opts.prediction,
                               loss=self.opts.loss)
         optimize(loss, "model")
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
 
     @torch.no_grad()
     def sample_latents(self, n, labels=None, generator=None, cfg_scale=None, sampler=None, sampling_steps=None,

@@ -140,8 +140,8 @@ class Pix2Pix(AdversarialFamily):
         g_l1 = (fake - b).abs().mean()
         g_loss = g_gan + self.opts.l1_weight * g_l1
         self.generator_step(g_loss, optimize)
-        logs = {"d_loss": float(d_loss.detach()), "g_loss": float(g_loss.detach()),
-                "g_gan": float(g_gan.detach()), "l1": float(g_l1.detach())}
+        logs = {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), "g_gan": g_gan.detach(),
+                "l1": g_l1.detach()}
         return self.observe(logs, real_logits, fake_logits, fake, b)
 
     def generate(self, source: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from genscale.families.base import Batch, DataInfo, Family, Optimize
 from genscale.families.gan_base import eval_mode
 from genscale.inpainting import check_masks, composite
 from genscale.models.masked_transformer import MaskedTransformer, patch_mask, patchify, unpatchify
+from genscale.transfer import to_device
 
 MASK_SCHEDULES = ("cosine", "fixed")
 
@@ -141,15 +142,15 @@ class Transformer(Family):
             if len(chosen):
                 holes = random_masks("mixed", len(chosen), tuple(x.shape[-2:]))
                 masked[chosen] = patch_mask(holes, p)
-        masked = masked.to(x.device)
+        masked = to_device(masked, x.device)
         labels = None
         if self.num_classes:
             drop = torch.rand(n) < self.opts.cond_drop
-            labels = torch.where(drop.to(x.device) | (batch["label"] < 0), self.num_classes, batch["label"])
+            labels = torch.where(to_device(drop, x.device) | (batch["label"] < 0), self.num_classes, batch["label"])
         pred = self.nets["transformer"](x, masked, labels)
         loss = masked_patch_mse(pred, patchify(x, p), masked)
         optimize(loss, "transformer")
-        return {"loss": float(loss.detach()), "mask_ratio": float(masked.float().mean())}
+        return {"loss": loss.detach(), "mask_ratio": masked.float().mean()}
 
     @torch.no_grad()
     def inpaint(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

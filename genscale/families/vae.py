@@ -89,8 +89,8 @@ class VAE(Family):
         dims = x[0].numel()
         loss = (rec + self.opts.beta * kl) / dims
         optimize(loss, "vae")
-        nelbo = float((rec + kl).detach())
-        return {"loss": float(loss.detach()), "rec_nats": float(rec.detach()), "kl_nats": float(kl.detach()),
+        nelbo = (rec + kl).detach()
+        return {"loss": loss.detach(), "rec_nats": rec.detach(), "kl_nats": kl.detach(),
                 "nelbo_nats": nelbo, "bits_per_dim": bits_per_dim(nelbo, dims)}
 
     @torch.no_grad()

@@ -134,9 +134,9 @@ class ConvVAE(nn.Module):
         return self.decode(self.encode(x)[0])[0].clamp(-1, 1)
 
 
-def bits_per_dim(nats: torch.Tensor | float, dims: int) -> float:
-    """Per-image nats -> bits per dimension."""
-    return float(nats) / (dims * math.log(2.0))
+def bits_per_dim(nats: torch.Tensor | float, dims: int) -> torch.Tensor | float:
+    """Per-image nats -> bits per dimension (a tensor stays a tensor, on its device)."""
+    return nats / (dims * math.log(2.0))
 
 
 def num_dims(x: torch.Tensor) -> int:
