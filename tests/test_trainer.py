@@ -105,20 +105,23 @@ def test_finished_run_says_so(tmp_path, capsys):
     assert "already at its last step" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("deferred", [False, True])
-def test_signal_saves_and_exits_cleanly(tmp_path, deferred):
-    def send_signal_on_third_call(family):
+def signal_in_call(n: int):
+    """A family hook: SIGUSR1 to this process during the family's n-th training step."""
+    def hook(family):
         original = family.training_step
 
         def step(batch, optimize):
-            if family.calls == 2:
+            if family.calls == n - 1:
                 os.kill(os.getpid(), signal.SIGUSR1)
             return original(batch, optimize)
 
         family.training_step = step
+    return hook
 
-    trainer, code = train_toy(tmp_path, family_hook=send_signal_on_third_call, steps=12, ckpt_every=100,
-                              deferred=deferred)
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_signal_saves_and_exits_cleanly(tmp_path, deferred):
+    trainer, code = train_toy(tmp_path, family_hook=signal_in_call(3), steps=12, ckpt_every=100, deferred=deferred)
     assert code == 0
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3]
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
@@ -239,18 +242,8 @@ def test_ema_update_equals_the_per_tensor_formula_bit_for_bit():
 def test_a_stop_request_in_the_last_step_still_finishes_the_run(tmp_path):
     """Saved at its last step, the run is complete: the loss curve is drawn and it reports finished
     (otherwise SLURM requeued it and the requeued job found nothing to do, never drawing the curve)."""
-    def signal_in_last_step(family):
-        original = family.training_step
-
-        def step(batch, optimize):
-            if family.calls == 3:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return original(batch, optimize)
-
-        family.training_step = step
-
     try:
-        trainer, code = train_toy(tmp_path, family_hook=signal_in_last_step, steps=4, ckpt_every=100)
+        trainer, code = train_toy(tmp_path, family_hook=signal_in_call(4), steps=4, ckpt_every=100)
     finally:
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     assert code == 0 and trainer.finished
