@@ -223,7 +223,8 @@ def train(run: RunConfig, last: bool = True) -> bool:
     cfg = run.train
     check_before_writing(run)
     from genscale.data import resolve_data
-    from genscale.trainer import Trainer, make_accelerator
+    from genscale.launch import make_accelerator
+    from genscale.trainer import Trainer
 
     shards = resolve_data(cfg.data, "train", cfg.cache_dir or None)
     module = family_module(cfg.model)

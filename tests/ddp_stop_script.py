@@ -7,7 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from genscale.trainer import Trainer, make_accelerator  # noqa: E402
+from genscale.launch import make_accelerator  # noqa: E402
+from genscale.trainer import Trainer  # noqa: E402
 from tests.toy_family import ToyFamily, stream_factory, toy_run  # noqa: E402
 
 out = sys.argv[1]

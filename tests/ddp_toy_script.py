@@ -6,7 +6,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from genscale.trainer import Trainer, make_accelerator  # noqa: E402
+from genscale.launch import make_accelerator  # noqa: E402
+from genscale.trainer import Trainer  # noqa: E402
 from tests.toy_family import ToyFamily, stream_factory, toy_run  # noqa: E402
 
 out, batch = sys.argv[1], int(sys.argv[2])

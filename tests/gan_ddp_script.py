@@ -14,7 +14,8 @@ import torch  # noqa: E402
 from genscale.config import RunConfig, TrainConfig  # noqa: E402
 from genscale.families import family_module  # noqa: E402
 from genscale.families.base import DataInfo  # noqa: E402
-from genscale.trainer import Trainer, make_accelerator  # noqa: E402
+from genscale.launch import make_accelerator  # noqa: E402
+from genscale.trainer import Trainer  # noqa: E402
 
 out, model, accum = sys.argv[1], sys.argv[2], int(sys.argv[3])
 module = family_module(model)

@@ -12,7 +12,8 @@ from accelerate.state import AcceleratorState, GradientState
 from genscale import checkpoints as ckpt
 from genscale.ema import EMA
 from genscale.errors import UserError
-from genscale.trainer import Trainer, make_accelerator
+from genscale.launch import make_accelerator
+from genscale.trainer import Trainer
 from tests.toy_family import ToyFamily, stream_factory, toy_run
 
 

@@ -16,12 +16,14 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from genscale import checkpoints as ckpt
+from genscale import launch as launch_module
 from genscale import trainer as trainer_module
 from genscale.config import TrainConfig
 from genscale.errors import UserError
 from genscale.families import family_module
 from genscale.families.base import DataInfo
-from genscale.trainer import Trainer, make_accelerator
+from genscale.launch import make_accelerator
+from genscale.trainer import Trainer
 # fresh_accelerate_state: the same autouse fixture as there (each test gets a new Accelerate state)
 from tests.test_trainer import fresh_accelerate_state, train_toy, weights  # noqa: F401
 from tests.toy_family import ToyFamily, stream_factory, toy_run
@@ -93,7 +95,7 @@ def test_fsdp_is_refused_in_one_sentence(tmp_path, monkeypatch):
     class FsdpAccelerator(Accelerator):  # FSDP needs GPUs; only the distributed type matters here
         distributed_type = property(lambda self: DistributedType.FSDP)
 
-    monkeypatch.setattr(trainer_module, "Accelerator", FsdpAccelerator)
+    monkeypatch.setattr(launch_module, "Accelerator", FsdpAccelerator)
     with pytest.raises(UserError, match=r"^FSDP is not supported yet .*accelerate_configs/multi_gpu\.yaml$"):
         make_accelerator(1, tmp_path)
     assert not (trainer_module.Path(__file__).parents[1] / "accelerate_configs" / "fsdp.yaml").exists()
@@ -102,7 +104,7 @@ def test_fsdp_is_refused_in_one_sentence(tmp_path, monkeypatch):
 def test_deepspeed_zero3_counts_as_sharded_and_zero2_does_not():
     from types import SimpleNamespace
 
-    from genscale.trainer import sharded_weights
+    from genscale.launch import sharded_weights
 
     def launch(kind, stage=None):
         plugin = SimpleNamespace(zero_stage=stage) if stage is not None else None
