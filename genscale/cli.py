@@ -36,6 +36,21 @@ def check_output_path(path: str | Path, flag: str, folder: bool = False) -> None
         raise UserError(f"{flag} {p} cannot be written: {nearest} is not writable")
 
 
+def output_files(out: str, flag: str = "--out") -> dict[str, Path]:
+    """The files an image output ``out`` names, by kind (".png" a grid, ".npz" the arrays): both
+    for a name without a suffix, else the one its suffix names in any case (``x.PNG`` is written
+    as ``x.PNG``). UserError for another suffix or a file that cannot be written: checked before
+    the work, like check_output_path."""
+    path = Path(out)
+    kind = path.suffix.lower()
+    if kind not in ("", ".png", ".npz"):
+        raise UserError(f"{flag} must end in .png or .npz (or have no suffix for both), got {out}")
+    files = {kind: path} if kind else {k: path.with_suffix(k) for k in (".png", ".npz")}
+    for file in files.values():
+        check_output_path(file, flag)
+    return files
+
+
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
     """Call ``main`` and turn a UserError into one line on stderr and its exit code."""
     try:

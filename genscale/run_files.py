@@ -83,6 +83,20 @@ def save_png(path: Path, image_hwc: np.ndarray) -> None:
         raise UserError(f"cannot write {path} ({err.strerror or err})", exit_code=1) from None
 
 
+def save_npz(path: Path, *arrays: np.ndarray, **named: np.ndarray) -> None:
+    """np.savez to exactly ``path`` (numpy would append ".npz" to a name ending in ".NPZ"), through
+    a temporary file, so that an interrupted write leaves no truncated archive under that name."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, *arrays, **named)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UserError(f"cannot write {path} ({err.strerror or err})", exit_code=1) from None
+
+
 def save_grid(path: Path, images: torch.Tensor, nrow: int) -> None:
     """Save [-1,1] images as a grid PNG, upscaled so small images stay visible."""
     arr = to_uint8(images)

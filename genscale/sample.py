@@ -32,12 +32,12 @@ from tqdm.auto import tqdm
 
 from genscale.applications.tasks import TASKS, add_task_arguments, run_task, task_flags_given
 from genscale.checkpoints import load_ema_weights
-from genscale.cli import ArgumentParser, check_output_path, run_main
+from genscale.cli import ArgumentParser, output_files, run_main
 from genscale.config import RunConfig
 from genscale.errors import UserError
 from genscale.families import family_module
 from genscale.families.base import DataInfo, Family
-from genscale.run_files import grid_image, save_png, to_uint8
+from genscale.run_files import grid_image, save_npz, save_png, to_uint8
 
 
 def load_family(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Family, DataInfo, int]:
@@ -139,34 +139,21 @@ def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, 
     return np.concatenate(chunks), out_labels
 
 
-def check_out(out: str) -> list[Path]:
-    """The files ``--out`` names (FILE.png, FILE.npz or both); UserError if one cannot be written."""
-    path = Path(out)
-    if path.suffix not in ("", ".png", ".npz"):
-        raise UserError(f"--out must end in .png or .npz (or have no suffix for both), got {out}")
-    files = [path.with_suffix(s) for s in (".png", ".npz") if path.suffix in ("", s)]
-    for file in files:
-        check_output_path(file, "--out")
-    return files
-
-
 def write_outputs(out: str, images: np.ndarray, labels: np.ndarray) -> list[Path]:
-    path = Path(out)
-    check_out(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    files = output_files(out)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     written = []
-    if path.suffix in ("", ".png"):
-        png = path.with_suffix(".png")
+    if ".png" in files:
+        png = files[".png"]
         classes = len(np.unique(labels))
         # --labels all cycles 0..K-1, so K images per row puts one class in each column
         nrow = classes if 1 < classes <= 20 else int(math.ceil(math.sqrt(len(images))))
         scale = max(1, min(8, 64 // images.shape[1]))
         save_png(png, grid_image(images, nrow, scale=scale))
         written.append(png)
-    if path.suffix in ("", ".npz"):
-        npz = path.with_suffix(".npz")
-        np.savez(npz, images, labels)
-        written.append(npz)
+    if ".npz" in files:
+        save_npz(files[".npz"], images, labels)
+        written.append(files[".npz"])
     return written
 
 
@@ -176,8 +163,7 @@ def inpaint_task(run_dir: str, images_path: str, masks_path: str, out: str, seed
     (``options``: RePaint's settings for diffusion runs, see genscale.inpainting.inpaint_options)."""
     from genscale.inpainting import can_inpaint, is_diffusion, load_inpainting_inputs, run_inpainting
 
-    path = Path(out)
-    check_out(out)
+    files = output_files(out)
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     images, masks = load_inpainting_inputs(images_path, masks_path)
@@ -192,17 +178,17 @@ def inpaint_task(run_dir: str, images_path: str, masks_path: str, out: str, seed
         raise UserError(f"{' and '.join(given)} apply to RePaint on diffusion runs; this run's network "
                         f"({family.name}) fills holes without them")
     filled = run_inpainting(family, images, masks, info.image_size, info.channels, seed, batch_size, options)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     written = []
-    if path.suffix in ("", ".png"):
+    if ".png" in files:
         shown = np.where(masks[..., None] == 1, images, 255).astype(np.uint8)  # holes shown white
         pairs = np.stack([shown, filled], 1).reshape(-1, *images.shape[1:])
         scale = max(1, min(8, 64 // images.shape[1]))
-        save_png(path.with_suffix(".png"), grid_image(pairs, 8 if len(images) >= 4 else 2, scale=scale))
-        written.append(path.with_suffix(".png"))
-    if path.suffix in ("", ".npz"):
-        np.savez(path.with_suffix(".npz"), filled)
-        written.append(path.with_suffix(".npz"))
+        save_png(files[".png"], grid_image(pairs, 8 if len(images) >= 4 else 2, scale=scale))
+        written.append(files[".png"])
+    if ".npz" in files:
+        save_npz(files[".npz"], filled)
+        written.append(files[".npz"])
     return written
 
 
@@ -242,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if stray:  # e.g. --steps typed for --sampling-steps: plain sampling would ignore it
         raise UserError(f"{', '.join(stray)} go{'es' if len(stray) == 1 else ''} with the tasks (--task ...); "
                         "plain sampling takes --sampler and --sampling-steps")
-    check_out(args.out)  # before sampling, not after it
+    output_files(args.out)  # checked before sampling, not after it
     images, labels = generate(args.run, args.num, args.labels, args.seed, args.cfg_scale, args.sampler,
                               args.sampling_steps, args.batch_size, progress=True)
     for path in write_outputs(args.out, images, labels):

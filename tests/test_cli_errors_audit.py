@@ -135,6 +135,24 @@ def test_sample_out_unwritable_is_refused_before_sampling(tiny_run, tmp_path, mo
             sample.main(["--run", str(tiny_run), "--num", "2", "--out", str(out)])
 
 
+@pytest.mark.parametrize("name, written", [("S.PNG", ["S.PNG"]), ("S.Npz", ["S.Npz"]), ("s", ["s.npz", "s.png"])])
+def test_sample_out_suffix_in_any_case(tiny_run, tmp_path, name, written):
+    """``--out S.PNG`` was refused ("must end in .png"), and numpy would have written "S.NPZ.npz"."""
+    from PIL import Image
+
+    from genscale.sample import main
+
+    assert main(["--run", str(tiny_run), "--num", "3", "--seed", "4", "--out", str(tmp_path / name)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == written  # no temporary left behind
+    for path in tmp_path.iterdir():
+        if path.suffix.lower() == ".png":
+            assert Image.open(path).format == "PNG"
+        else:
+            with np.load(path) as data:
+                assert data["arr_0"].shape == (3, 8, 8, 1) and data["arr_0"].dtype == np.uint8  # grey digits
+                assert data["arr_1"].shape == (3,) and data["arr_1"].dtype == np.int64
+
+
 def test_config_json_that_is_not_a_mapping(tiny_run, tmp_path):
     import shutil
 

@@ -139,6 +139,17 @@ def test_folder_features_go_through_clean_fids_loader_and_equal_the_array_path(j
                                atol=1e-6)
 
 
+def test_image_files_are_found_whatever_the_case_of_their_suffix(tmp_path):
+    """Cameras write IMG_0001.JPG; "Png" and ".BMP" were skipped (clean-fid lists only some upper-case forms)."""
+    (tmp_path / "sub").mkdir()
+    names = ["a.png", "b.PNG", "c.Png", "d.jpg", "e.JPEG", "sub/f.BMP", "sub/g.webp"]
+    for name in names:
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / name, format="PNG")
+    (tmp_path / "notes.txt").write_text("not an image")
+    found = feat_mod.list_image_files(tmp_path)
+    assert [Path(f).relative_to(tmp_path).as_posix() for f in found] == sorted(names)
+
+
 def test_fid_of_a_folder_against_itself_is_zero(eval_cache, tmp_path, capsys):
     images = _upsampled_test_digits()
     _write_pngs(tmp_path / "digits", images)

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from genscale.applications.denoise import pooled_psnr
-from genscale.applications.inputs import check_out, write_task_outputs
+from genscale.applications.inputs import write_task_outputs
+from genscale.cli import output_files
 from genscale.run_files import grid_image, to_uint8
 
 SHOWN = 6  # images per row of the grid
@@ -44,7 +45,8 @@ def plot_psnr(path: Path, sigmas: list[float], noisy: list[float], denoised: lis
 def sigma_sweep(family, images: torch.Tensor, sigmas: list[float], out: str,
                 generator: torch.Generator | None = None) -> list[Path]:
     """Run the sweep on ``images`` (N x C x H x W in [-1, 1]) and write the three files."""
-    path = check_out(out)
+    output_files(out)  # checked before the sweep, not after it
+    path = Path(out)
     rows, outputs, psnr_noisy, psnr_out = [], [], [], []
     for sigma in sigmas:
         noisy, den = family.noisy_pair(images, sigma, generator)

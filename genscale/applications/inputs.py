@@ -9,17 +9,8 @@ import numpy as np
 import torch
 
 from genscale.errors import UserError
-from genscale.run_files import grid_image, save_png, to_uint8
-
-SUFFIXES = ("", ".png", ".npz")
-
-
-def check_out(out: str) -> Path:
-    path = Path(out)
-    if path.suffix not in SUFFIXES:
-        raise UserError(f"--out must end in .png or .npz (or have no suffix for both), got {out}")
-    return path
-
+from genscale.cli import output_files
+from genscale.run_files import grid_image, save_npz, save_png, to_uint8
 
 def run_data(run_dir: str) -> str:
     """The --data a run was trained on (for its held-out split)."""
@@ -102,14 +93,14 @@ def write_task_outputs(out: str, grid: np.ndarray, arrays: np.ndarray | torch.Te
                        extra: dict[str, np.ndarray | torch.Tensor] | None = None) -> list[Path]:
     """``out``.png <- the grid; ``out``.npz <- arr_0 uint8 N x H x W x C plus the named ``extra``
     arrays (image tensors are stored as uint8 NHWC like arr_0)."""
-    path = check_out(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    files = output_files(out)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     written = []
-    if path.suffix in ("", ".png"):
-        save_png(path.with_suffix(".png"), grid)
-        written.append(path.with_suffix(".png"))
-    if path.suffix in ("", ".npz"):
+    if ".png" in files:
+        save_png(files[".png"], grid)
+        written.append(files[".png"])
+    if ".npz" in files:
         named = {k: to_uint8(v) if torch.is_tensor(v) else np.asarray(v) for k, v in (extra or {}).items()}
-        np.savez(path.with_suffix(".npz"), to_uint8(arrays) if torch.is_tensor(arrays) else arrays, **named)
-        written.append(path.with_suffix(".npz"))
+        save_npz(files[".npz"], to_uint8(arrays) if torch.is_tensor(arrays) else arrays, **named)
+        written.append(files[".npz"])
     return written

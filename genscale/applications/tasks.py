@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genscale.applications.inputs import check_out, columns_grid, load_images, to_tensor, write_task_outputs
+from genscale.applications.inputs import columns_grid, load_images, to_tensor, write_task_outputs
+from genscale.cli import output_files
 from genscale.errors import UserError
 
 TASKS = ("denoise", "img2img", "inpaint", "anagram", "hybrid")
@@ -79,7 +80,7 @@ def run_task(args: argparse.Namespace) -> list[Path]:
     """Run ``args.task`` on ``args.run``; returns the files written."""
     from genscale.sample import inpaint_task, load_family
 
-    check_out(args.out)
+    output_files(args.out)  # checked before the task, not after it
     for flag, value in (("--num", args.num), ("--batch-size", args.batch_size), ("--steps", args.steps)):
         if value is not None and value < 1:  # None: the task's default
             raise UserError(f"{flag} must be at least 1, got {value}")

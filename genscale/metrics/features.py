@@ -179,11 +179,12 @@ def image_features(images: np.ndarray | torch.Tensor, extractor: FeatureExtracto
 
 
 def list_image_files(folder: str | os.PathLike) -> list[str]:
-    """The image files of a folder (recursively, clean-fid's extensions), in a fixed order."""
+    """The image files of a folder (recursively, clean-fid's extensions in any case), in a fixed order."""
     from cleanfid.utils import EXTENSIONS
 
+    extensions = {e.lower() for e in EXTENSIONS}  # clean-fid lists "PNG" and "JPG" but not "Png" or "BMP"
     root = Path(folder)
-    files = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix[1:] in EXTENSIONS)
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix[1:].lower() in extensions)
     if not files:
         raise UserError(f"{folder} holds no image files.")
     return files
