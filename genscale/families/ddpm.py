@@ -17,6 +17,7 @@ from genscale.diffusion.losses import diffusion_loss
 from genscale.errors import UserError
 from genscale.families.base import DataInfo, Family
 from genscale.models.unet import UNet
+from genscale.optim import adam
 
 
 @dataclass
@@ -108,8 +109,8 @@ class DDPM(Family):
             channel_mults=options.channel_mults, num_res_blocks=options.num_res_blocks,
             attention_resolutions=options.attention_res, image_size=info.image_size,
             num_classes=info.num_classes, dropout=options.dropout)
-        self.optimizers["model"] = torch.optim.AdamW(self.nets["model"].parameters(), lr=train.lr,
-                                                     weight_decay=train.weight_decay)
+        self.optimizers["model"] = adam(self.nets["model"].parameters(), train.lr, decoupled=True,
+                                        weight_decay=train.weight_decay)
 
     def _model_fn(self, x, t, labels):
         return self.nets["model"](x, t, labels)

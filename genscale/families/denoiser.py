@@ -17,6 +17,7 @@ from genscale.errors import UserError
 from genscale.families.base import Batch, DataInfo, Family, Optimize
 from genscale.families.gan_base import eval_mode
 from genscale.models.inpaint_unet import InpaintUNet
+from genscale.optim import adam
 
 PREVIEW = 8  # images kept from the first batch for the periodic grids
 
@@ -57,8 +58,8 @@ class Denoiser(Family):
                                             options.depth)
         except ValueError as err:
             raise UserError(str(err)) from None
-        self.optimizers["unet"] = torch.optim.AdamW(self.nets["unet"].parameters(), lr=train.lr,
-                                                    weight_decay=train.weight_decay)
+        self.optimizers["unet"] = adam(self.nets["unet"].parameters(), train.lr, decoupled=True,
+                                       weight_decay=train.weight_decay)
         self.preview: torch.Tensor | None = None
 
     def training_step(self, batch: Batch, optimize: Optimize) -> dict[str, float]:

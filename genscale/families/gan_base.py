@@ -24,6 +24,7 @@ from genscale.errors import UserError
 from genscale.families.base import Batch, DataInfo, Family, Optimize
 from genscale.families.gan_losses import real_probability
 from genscale.families.gan_monitor import GanMonitor, diversity_ratio
+from genscale.optim import adam
 
 # Options sample.py may pass to every family; a GAN has no use for them.
 IGNORED_SAMPLE_OPTIONS = ("progress",)
@@ -78,10 +79,10 @@ class AdversarialFamily(Family):
     def make_optimizers(self, betas: tuple[float, float], d_lr: float = 0.0) -> None:
         lr, wd = self.train_cfg.lr, self.train_cfg.weight_decay
         self.optimizers = {
-            "discriminator": torch.optim.Adam(self.nets["discriminator"].parameters(), lr=d_lr or lr,
-                                              betas=betas, weight_decay=wd),
-            "generator": torch.optim.Adam(self.nets["generator"].parameters(), lr=lr, betas=betas,
-                                          weight_decay=wd),
+            "discriminator": adam(self.nets["discriminator"].parameters(), d_lr or lr, decoupled=False,
+                                  betas=betas, weight_decay=wd),
+            "generator": adam(self.nets["generator"].parameters(), lr, decoupled=False, betas=betas,
+                              weight_decay=wd),
         }
 
     def generator_step(self, loss: torch.Tensor, optimize: Optimize) -> None:

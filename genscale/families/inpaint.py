@@ -20,6 +20,7 @@ from genscale.families.gan_base import eval_mode
 from genscale.inpainting import check_masks, composite
 from genscale.models.inpaint_unet import InpaintUNet
 from genscale.transfer import to_device
+from genscale.optim import adam
 
 PREVIEW = 8  # images kept from the first batch for the periodic grids
 
@@ -69,8 +70,8 @@ class Inpaint(Family):
                                             options.depth)
         except ValueError as err:
             raise UserError(str(err)) from None
-        self.optimizers["unet"] = torch.optim.AdamW(self.nets["unet"].parameters(), lr=train.lr,
-                                                    weight_decay=train.weight_decay)
+        self.optimizers["unet"] = adam(self.nets["unet"].parameters(), train.lr, decoupled=True,
+                                       weight_decay=train.weight_decay)
         self.preview: torch.Tensor | None = None
 
     def predict(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from genscale.families.vae import Options as VAEOptions
 from genscale.families.vae import build_vae
 from genscale.models.autoencoder import LatentDiffusionModel, diffusion_latent_shape
 from genscale.models.unet import UNet
+from genscale.optim import adam
 
 
 # The vae options of the autoencoder train.py trains first when --autoencoder is not given: the
@@ -131,7 +132,7 @@ class LDM(Family):
         if weights is not None:
             self.latent_scale = self._measure_scale(train)
             options.autoencoder_config = json.dumps(spec)  # recorded in config.json by train.py
-        self.optimizers["model"] = torch.optim.AdamW(unet.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        self.optimizers["model"] = adam(unet.parameters(), train.lr, decoupled=True, weight_decay=train.weight_decay)
 
     @property
     def model(self) -> LatentDiffusionModel:

@@ -30,6 +30,7 @@ from genscale.families.gan_base import eval_mode
 from genscale.inpainting import check_masks, composite
 from genscale.models.masked_transformer import MaskedTransformer, patch_mask, patchify, unpatchify
 from genscale.transfer import to_device
+from genscale.optim import adam
 
 MASK_SCHEDULES = ("cosine", "fixed")
 
@@ -118,8 +119,8 @@ class Transformer(Family):
                 options.mlp_ratio, self.num_classes, options.dropout)
         except ValueError as err:
             raise UserError(str(err)) from None
-        self.optimizers["transformer"] = torch.optim.AdamW(self.nets["transformer"].parameters(), lr=train.lr,
-                                                           betas=(0.9, 0.95), weight_decay=train.weight_decay)
+        self.optimizers["transformer"] = adam(self.nets["transformer"].parameters(), train.lr, decoupled=True,
+                                              betas=(0.9, 0.95), weight_decay=train.weight_decay)
 
     @property
     def num_tokens(self) -> int:

@@ -17,6 +17,7 @@ from genscale.errors import UserError
 from genscale.families.base import Batch, DataInfo, Family, Optimize
 from genscale.families.gan_base import eval_mode
 from genscale.models.vae import ConvVAE, bits_per_dim, gaussian_kl
+from genscale.optim import adam
 
 PREVIEW = 8  # images kept from the first batch for the reconstruction rows of the grid
 
@@ -71,8 +72,8 @@ class VAE(Family):
             self.nets["vae"] = build_vae(options, info)
         except ValueError as err:
             raise UserError(str(err)) from None
-        self.optimizers["vae"] = torch.optim.Adam(self.nets["vae"].parameters(), lr=train.lr,
-                                                  weight_decay=train.weight_decay)
+        self.optimizers["vae"] = adam(self.nets["vae"].parameters(), train.lr, decoupled=False,
+                                     weight_decay=train.weight_decay)
         self.preview: torch.Tensor | None = None
 
     @property
