@@ -12,6 +12,7 @@ from genscale.errors import UserError
 from genscale.cli import output_files
 from genscale.run_files import grid_image, save_npz, save_png, to_uint8
 
+
 def run_data(run_dir: str) -> str:
     """The --data a run was trained on (for its held-out split)."""
     try:
