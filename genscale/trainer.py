@@ -33,6 +33,10 @@ from genscale.preemption import StopRequest
 from genscale.run_files import MetricsLog, plot_losses, save_grid
 from genscale.step_logs import StepLogs
 
+# Param-group entries that come from the flags (--lr, --weight-decay, a family's betas), not from
+# training: this launch's values hold, also on resume. ("lr" follows base_lr through set_lr.)
+OPTIMIZER_SETTINGS = ("base_lr", "weight_decay", "betas", "eps")
+
 BatchStream = Callable[[int], Iterator[Batch]]  # optimizer step to start at -> batches from there
 
 
@@ -96,6 +100,11 @@ class Trainer:
         for opt in family.optimizers.values():
             for group in opt.param_groups:
                 group.setdefault("base_lr", group["lr"])
+        # This launch's optimizer settings, put back after a resume: loading a checkpoint restores
+        # the saved param groups, so a --lr, --weight-decay or beta changed on resume was ignored
+        # while config.json and the logs showed the new value.
+        self._settings = {name: [{k: g[k] for k in OPTIMIZER_SETTINGS if k in g} for g in opt.param_groups]
+                          for name, opt in family.optimizers.items()}
         self.ema = EMA({n: self.plain(n) for n in family.ema_names}, self.cfg.ema_decay)
         # Progress and EMA are saved by save() and loaded by resume() with weights_only=True, not
         # registered with Accelerate: its load_custom_state unpickles them with weights_only=False.
@@ -167,6 +176,9 @@ class Trainer:
         except Exception as err:  # noqa: BLE001
             raise UserError(f"checkpoint {latest} could not be loaded ({type(err).__name__}); "
                             "move it aside to resume from the one before", exit_code=1) from None
+        for name, opt in self.family.optimizers.items():
+            for group, settings in zip(opt.param_groups, self._settings[name]):
+                group.update(settings)
         self.acc.step = 0  # micro-batch counter: every checkpoint sits on a step boundary
         self.acc.project_configuration.iteration = self.progress.step
         saved_world = ckpt.read_meta(latest).get("world_size")

@@ -250,3 +250,22 @@ def test_a_stop_request_in_the_last_step_still_finishes_the_run(tmp_path):
     assert code == 0 and trainer.finished
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4]
     assert (tmp_path / "loss_curve.png").exists()
+
+
+def test_optimizer_settings_changed_on_resume_take_effect(tmp_path):
+    """Loading a checkpoint restored the saved param groups: a resume with a lower --lr (what the
+    divergence message advises), another --weight-decay or other betas trained on with the old
+    values while config.json and metrics.jsonl showed the new ones."""
+    def adamw(lr, weight_decay, betas):
+        def hook(family):
+            family.optimizers["model"] = torch.optim.AdamW(family.nets["model"].parameters(), lr=lr,
+                                                           weight_decay=weight_decay, betas=betas)
+        return hook
+
+    train_toy(tmp_path, family_hook=adamw(0.05, 0.0, (0.9, 0.999)), steps=4, lr=0.05)
+    trainer, _ = train_toy(tmp_path, family_hook=adamw(0.002, 0.3, (0.5, 0.9)), steps=8, lr=0.002)
+    group = trainer.family.optimizers["model"].param_groups[0]
+    assert (group["base_lr"], group["lr"], group["weight_decay"], tuple(group["betas"])) == (0.002, 0.002, 0.3, (0.5, 0.9))
+    assert torch.load(ckpt.latest_checkpoint(tmp_path) / "optimizer.bin", weights_only=True)["param_groups"][0]["lr"] == 0.002
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if r["step"] > 4] == [0.002, 0.002]
