@@ -78,6 +78,42 @@ def check_same_run(run: RunConfig) -> None:
         raise UserError(f"{run.train.out} holds a {old['model']} run; choose another --out for {run.train.model}")
 
 
+def reached_last_step(cfg: TrainConfig) -> bool:
+    """Whether the run folder's latest checkpoint is at or past --steps (the trainer then has
+    nothing to do)."""
+    from genscale.checkpoints import list_checkpoints
+
+    found = list_checkpoints(cfg.out)
+    return bool(found) and found[-1][0] >= cfg.steps
+
+
+def check_same_options(run: RunConfig) -> None:
+    """Refuse to resume checkpoints with model options that give their weights another meaning.
+
+    A resume takes its options from the flags (and presets), not from the run's config.json: a
+    run trained with --schedule linear and resumed without it went on under the cosine schedule,
+    and even a finished run re-run with other flags had config.json rewritten, so that sample.py
+    read its weights under the new options (judge accuracy 0.98 -> 0.32). Shape changes are also
+    caught later by check_checkpoint_fits; the family lists what may change (RESUME_MAY_CHANGE)."""
+    from genscale.checkpoints import latest_checkpoint
+
+    if latest_checkpoint(run.train.out) is None:  # nothing trained yet: the options start afresh
+        return
+    try:
+        old = json.loads((Path(run.train.out) / "config.json").read_text())["options"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no readable record (check_same_run refuses a damaged one): the shape check remains
+    if not isinstance(old, dict):
+        return
+    new = json.loads(json.dumps(dataclasses.asdict(run.options)))  # tuples as config.json has them: lists
+    free = set(getattr(family_module(run.train.model), "RESUME_MAY_CHANGE", ()))
+    changed = [k for k in sorted(old) if k in new and k not in free and old[k] != new[k]]
+    if changed:
+        was = " ".join(_as_flag(k, old[k]) for k in changed)
+        raise UserError(f"the checkpoints in {run.train.out} were trained with {was}; resume with {was} (or "
+                        f"--config {Path(run.train.out) / 'config.json'}) or choose another --out")
+
+
 def warn_changed_stream(run: RunConfig) -> None:
     """Warn when a resumed run's data stream changes (after the checks that could still refuse it)."""
     old = _saved_train_flags(run)
@@ -214,6 +250,7 @@ def check_before_writing(run: RunConfig) -> None:
     check_output_path(run.train.out, "--out", folder=True)
     check_tracker(run.train.log_with)
     check_same_run(run)
+    check_same_options(run)
 
 
 def train(run: RunConfig, last: bool = True) -> bool:
@@ -260,7 +297,7 @@ def train(run: RunConfig, last: bool = True) -> bool:
 
         evaluator = TrainingEvaluator(run, info, acc)
     trainer = Trainer(run, family, stream, acc, grid_labels(info), evaluator)
-    if acc.is_main_process:
+    if acc.is_main_process and not reached_last_step(cfg):  # a finished run keeps the record of its weights
         record = run.to_dict()
         record.update({
             "data_info": dataclasses.asdict(info),

@@ -135,6 +135,41 @@ def test_sample_out_unwritable_is_refused_before_sampling(tiny_run, tmp_path, mo
             sample.main(["--run", str(tiny_run), "--num", "2", "--out", str(out)])
 
 
+def test_resume_with_options_that_change_what_the_weights_mean_is_refused(tiny_run, cache, tmp_path):
+    """A resume takes its options from the flags: --schedule/--timesteps/--prediction other than the
+    run's were accepted and written to config.json, and sample.py then read the weights under them."""
+    import shutil
+
+    run = tmp_path / "ddpm"
+    shutil.copytree(tiny_run, run)
+    before = (run / "config.json").read_text()
+    old = json.loads(before)["options"]
+    proc = train_proc(cache, *TINY, "--steps", "4", "--schedule", "linear" if old["schedule"] != "linear" else "cosine",
+                      "--prediction", "v" if old["prediction"] != "v" else "eps", "--out", str(run))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    was = f"--prediction {old['prediction']} --schedule {old['schedule']}"
+    one_error_line(proc.stderr, f"were trained with {was}; resume with {was} (or --config {run / 'config.json'})")
+    assert (run / "config.json").read_text() == before
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]
+    # Sampling settings may change: the run goes on, and records them.
+    proc = train_proc(cache, *TINY, "--steps", "4", "--sampler", "ddpm", "--cfg-scale", "1.5", "--out", str(run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "config.json").read_text())["options"]["cfg_scale"] == 1.5
+
+
+def test_a_finished_run_run_again_keeps_its_record(tiny_run, cache, tmp_path):
+    """"nothing to do", yet config.json was rewritten with the new flags (here --steps 1, --lr 5)."""
+    import shutil
+
+    run = tmp_path / "ddpm"
+    shutil.copytree(tiny_run, run)
+    before = (run / "config.json").read_text()
+    proc = train_proc(cache, *TINY, "--steps", "1", "--lr", "5", "--out", str(run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nothing to do" in proc.stdout + proc.stderr
+    assert (run / "config.json").read_text() == before
+
+
 @pytest.mark.parametrize("name, written", [("S.PNG", ["S.PNG"]), ("S.Npz", ["S.Npz"]), ("s", ["s.npz", "s.png"])])
 def test_sample_out_suffix_in_any_case(tiny_run, tmp_path, name, written):
     """``--out S.PNG`` was refused ("must end in .png"), and numpy would have written "S.NPZ.npz"."""

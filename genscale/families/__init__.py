@@ -1,8 +1,10 @@
 """Registry of model families: `--model NAME` -> the module that defines it.
 
 A family module defines ``Options`` (a dataclass of its own flags), ``PRESET`` (defaults for the
-common training flags that suit it on its default data) and ``FAMILY`` (its Family subclass,
-built as ``FAMILY(train_config, options, data_info)``). Adding a family = one file + one line here.
+common training flags that suit it on its default data), ``RESUME_MAY_CHANGE`` (the options a
+resumed run may change; train.py refuses a change to any other) and ``FAMILY`` (its Family
+subclass, built as ``FAMILY(train_config, options, data_info)``). Adding a family = one file + one
+line here.
 """
 from __future__ import annotations
 

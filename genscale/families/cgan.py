@@ -51,6 +51,11 @@ OPTION_HELP = {
     "d_lr": NOISE_GAN_HELP["d_lr"],
 }
 
+
+# Options a resumed run may change (training and sampling settings); any other change would give
+# the saved weights another meaning, and train.py refuses it (check_same_options).
+RESUME_MAY_CHANGE = ("beta1", "beta2", "d_lr")
+
 PRESET = dict(DIGITS_PRESET)
 
 

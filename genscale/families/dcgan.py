@@ -37,6 +37,11 @@ OPTION_HELP = {
     "d_width": "discriminator width at full resolution (DCGAN's ndf)",
 }
 
+
+# Options a resumed run may change (training and sampling settings); any other change would give
+# the saved weights another meaning, and train.py refuses it (check_same_options).
+RESUME_MAY_CHANGE = ("beta1", "beta2", "d_lr")
+
 PRESET = {**DIGITS_PRESET, "steps": 3000}
 
 

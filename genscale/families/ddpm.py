@@ -81,6 +81,11 @@ OPTION_HELP = {
 
 # The digits at their native 8x8 (upsampling them adds pixels, not information) on a 2-core CPU
 # in under ten minutes; pass a larger --image-size with wider --channel-mults for real data.
+
+# Options a resumed run may change (training and sampling settings); any other change would give
+# the saved weights another meaning, and train.py refuses it (check_same_options).
+RESUME_MAY_CHANGE = ("loss", "dropout", "cond_drop", "sampler", "sampling_steps", "eta", "cfg_scale")
+
 PRESET = {"data": "digits", "image_size": 8, "steps": 2000, "batch_size": 64, "lr": 1e-3,
           "warmup_steps": 200, "ema_decay": 0.999, "ckpt_every": 500, "sample_every": 1000}
 

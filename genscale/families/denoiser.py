@@ -42,6 +42,12 @@ OPTION_HELP = {
 }
 
 # ~2 minutes on one CPU thread for the 8x8 digits.
+
+# Options a resumed run may change (training and sampling settings); any other change would give
+# the saved weights another meaning, and train.py refuses it (check_same_options).
+# (--sigma is the noise level the weights remove: not one of them)
+RESUME_MAY_CHANGE = ()
+
 PRESET = {"data": "digits", "image_size": 8, "steps": 1500, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100,
           "ema_decay": 0.999, "ckpt_every": 500, "sample_every": 500}
 

@@ -61,6 +61,11 @@ OPTION_HELP = {
     "num_downs": "U-Net downsamplings (0 = log2 of the image size)",
 }
 
+
+# Options a resumed run may change (training and sampling settings); any other change would give
+# the saved weights another meaning, and train.py refuses it (check_same_options).
+RESUME_MAY_CHANGE = ("mask", "adv_weight", "dropout", "beta1", "beta2", "d_lr")
+
 PRESET = dict(DIGITS_PRESET)
 
 

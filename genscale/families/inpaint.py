@@ -48,6 +48,11 @@ OPTION_HELP = {
     "depth": "U-Net downsamplings (the image size must divide by 2^depth)",
 }
 
+
+# Options a resumed run may change (training and sampling settings); any other change would give
+# the saved weights another meaning, and train.py refuses it (check_same_options).
+RESUME_MAY_CHANGE = ("mask", "known_weight")
+
 PRESET = {"data": "digits", "image_size": 8, "steps": 4000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100,
           "ema_decay": 0.999, "ckpt_every": 1000, "sample_every": 1000}
 

@@ -72,6 +72,13 @@ OPTION_HELP = {**ddpm.OPTION_HELP,
                "scale_samples": "training images whose latents' std sets the latent scale factor"}
 
 # A 16-d latent (a flat VAE latent folded to 4 x 2 x 2) is far cheaper than 8x8 pixels.
+
+# Options a resumed run may change (training and sampling settings); any other change would give
+# the saved weights another meaning, and train.py refuses it (check_same_options).
+# autoencoder and autoencoder_config are filled in by the run itself (the autoencoder trained first);
+# scale_samples only matters before the first checkpoint, which holds the latent scale.
+RESUME_MAY_CHANGE = (*ddpm.RESUME_MAY_CHANGE, "autoencoder", "autoencoder_config", "scale_samples")
+
 PRESET = {"data": "digits", "image_size": 8, "steps": 3000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 200,
           "ema_decay": 0.999, "ckpt_every": 1000, "sample_every": 1000}
 

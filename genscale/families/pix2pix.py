@@ -78,6 +78,11 @@ OPTION_HELP = {
 
 # The colourisation pairs of the bundled photos (grey -> colour) at 32 px on a 2-core CPU. The
 # output differs from the input only in colour, so the generator predicts the change (residual).
+
+# Options a resumed run may change (training and sampling settings); any other change would give
+# the saved weights another meaning, and train.py refuses it (check_same_options).
+RESUME_MAY_CHANGE = ("l1_weight", "dropout", "beta1", "beta2", "d_lr")
+
 PRESET = {"data": "photos-paired", "image_size": 32, "steps": 1500, "batch_size": 16, "lr": 5e-4,
           "warmup_steps": 0, "grad_clip": 0.0, "ema_decay": 0.999, "ckpt_every": 500, "sample_every": 500,
           "flip": True, "residual": True, "g_width": 32, "d_width": 32}

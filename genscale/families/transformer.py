@@ -77,6 +77,11 @@ OPTION_HELP = {
 }
 
 # 64 pixel tokens of width 64: about 0.11 CPU-seconds a step at batch 64.
+
+# Options a resumed run may change (training and sampling settings); any other change would give
+# the saved weights another meaning, and train.py refuses it (check_same_options).
+RESUME_MAY_CHANGE = ("dropout", "mask_ratio", "inpaint_masks", "cond_drop", "sampling_steps", "temperature")
+
 PRESET = {"data": "digits", "image_size": 8, "steps": 3000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100,
           "ema_decay": 0.999, "ckpt_every": 1000, "sample_every": 1000}
 

@@ -48,6 +48,11 @@ OPTION_HELP = {
 }
 
 # 8x8 digits, a flat 16-d latent: about 1.5 ms a step on one core, a few minutes in all.
+
+# Options a resumed run may change (training and sampling settings); any other change would give
+# the saved weights another meaning, and train.py refuses it (check_same_options).
+RESUME_MAY_CHANGE = ("beta", "elbo_samples")
+
 PRESET = {"data": "digits", "image_size": 8, "steps": 6000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100,
           "ema_decay": 0.999, "ckpt_every": 1000, "sample_every": 2000}
 
