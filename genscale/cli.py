@@ -36,11 +36,22 @@ def check_output_path(path: str | Path, flag: str, folder: bool = False) -> None
         raise UserError(f"{flag} {p} cannot be written: {nearest} is not writable")
 
 
+def make_folder(path: str | Path, flag: str, given: str | None = None) -> None:
+    """mkdir -p, with one sentence when the folder cannot be created (``given``: the flag's value,
+    when ``path`` is its parent folder): check_output_path cannot foresee every case (/proc and
+    /sys look writable to root)."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        what = f"{flag} {given}: its folder {path}" if given is not None else f"{flag} {path}"
+        raise UserError(f"{what} cannot be created ({err.strerror or err})", exit_code=1) from None
+
+
 def output_files(out: str, flag: str = "--out") -> dict[str, Path]:
     """The files an image output ``out`` names, by kind (".png" a grid, ".npz" the arrays): both
     for a name without a suffix, else the one its suffix names in any case (``x.PNG`` is written
-    as ``x.PNG``). UserError for another suffix or a file that cannot be written: checked before
-    the work, like check_output_path."""
+    as ``x.PNG``). UserError for another suffix or a file that cannot be written; their folder is
+    made here, so that both are found before the work."""
     path = Path(out)
     kind = path.suffix.lower()
     if kind not in ("", ".png", ".npz"):
@@ -48,6 +59,7 @@ def output_files(out: str, flag: str = "--out") -> dict[str, Path]:
     files = {kind: path} if kind else {k: path.with_suffix(k) for k in (".png", ".npz")}
     for file in files.values():
         check_output_path(file, flag)
+    make_folder(path.parent, flag, out)
     return files
 
 

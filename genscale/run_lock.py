@@ -15,6 +15,7 @@ import os
 import socket
 from pathlib import Path
 
+from genscale.cli import make_folder
 from genscale.errors import UserError
 
 _HELD: dict[Path, object] = {}  # open lock files, kept for the life of the process
@@ -29,7 +30,7 @@ def lock_run_folder(out: Path) -> None:
     out = Path(out).resolve()
     if out in _HELD:
         return
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "--out")
     handle = open(out / ".lock", "a+")
     try:
         fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

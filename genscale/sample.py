@@ -141,7 +141,6 @@ def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, 
 
 def write_outputs(out: str, images: np.ndarray, labels: np.ndarray) -> list[Path]:
     files = output_files(out)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     written = []
     if ".png" in files:
         png = files[".png"]
@@ -178,7 +177,6 @@ def inpaint_task(run_dir: str, images_path: str, masks_path: str, out: str, seed
         raise UserError(f"{' and '.join(given)} apply to RePaint on diffusion runs; this run's network "
                         f"({family.name}) fills holes without them")
     filled = run_inpainting(family, images, masks, info.image_size, info.channels, seed, batch_size, options)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     written = []
     if ".png" in files:
         shown = np.where(masks[..., None] == 1, images, 255).astype(np.uint8)  # holes shown white

@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from genscale import run_status
-from genscale.cli import check_output_path, run_main
+from genscale.cli import check_output_path, make_folder, run_main
 from genscale.config import RunConfig, TrainConfig, parse_train_args
 from genscale.errors import UserError
 from genscale.families import family_module
@@ -116,6 +116,10 @@ def check_same_options(run: RunConfig) -> None:
 
 def warn_changed_stream(run: RunConfig) -> None:
     """Warn when a resumed run's data stream changes (after the checks that could still refuse it)."""
+    from genscale.checkpoints import latest_checkpoint
+
+    if latest_checkpoint(run.train.out) is None:  # nothing to resume: the run starts afresh
+        return
     old = _saved_train_flags(run)
     changed = [k for k in STREAM_FLAGS if old is not None and k in old and old[k] != getattr(run.train, k)]
     if changed:
@@ -288,7 +292,7 @@ def train(run: RunConfig, last: bool = True) -> bool:
     out = Path(cfg.out)
     if os.environ.get("RANK", "0") == "0":  # the launch's main process; the others follow it
         lock_run_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "--out")
     acc = make_accelerator(cfg.grad_accum, out, cfg.log_with)
     stream = batch_stream(cfg, shards, info, acc.process_index, acc.num_processes)
     evaluator = None

@@ -85,6 +85,7 @@ class Trainer:
         # the logs are read only where the loop waits anyway (see genscale/step_logs.py).
         self.read_every_step = accelerator.device.type == "cpu"
         self._pending_vote: torch.Tensor | None = None
+        self._warned_skips = False
         self.finished = False  # set by fit(): the run reached its last step (not stopped before it)
         if len(family.optimizers) > 1 and self.cfg.grad_accum > 1 and accelerator.mixed_precision == "fp16":
             # Accelerate has one GradScaler for all optimizers: its update() after the first
@@ -272,7 +273,7 @@ class Trainer:
         if acc.is_main_process:
             self.write_final_metrics()
             plot_losses(self.metrics.read(), self.out / "loss_curve.png")
-            acc.print(f"finished {cfg.steps} steps; weights, grids and metrics are in {self.out}")
+            acc.print(f"finished {cfg.steps} step{'' if cfg.steps == 1 else 's'}; weights, grids and metrics are in {self.out}")
         if end_training:  # ends the trackers and the process group
             acc.end_training()
         else:  # a run follows in this launch (ldm after its autoencoder): keep the process group
@@ -357,6 +358,10 @@ class Trainer:
         record.update({k: float(local[i].item()) for i, k in enumerate(keys)})
         if self.acc.is_main_process:
             self.metrics.write(record)
+            if record["skipped_samples"] and not self._warned_skips:  # once: metrics.jsonl has the count
+                self._warned_skips = True
+                print(f"warning: {record['skipped_samples']} samples of {self.cfg.data} could not be decoded and "
+                      f"were skipped (by step {step}; metrics.jsonl counts them as skipped_samples)", file=sys.stderr)
         if self.cfg.log_with:
             self.acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 

@@ -229,3 +229,21 @@ def test_pixel_tasks_refuse_latent_runs(dm):
     latent.latent = True
     with pytest.raises(UserError, match="pixel space"):
         repaint(latent, images(1), torch.ones(1, 1, 8, 8), steps=2)
+
+
+def test_a_grey_png_input_loads_without_warnings(tmp_path):
+    """PIL's greyscale arrays are read-only: torch.from_numpy warned "The given NumPy array is not writable"."""
+    import warnings
+
+    from PIL import Image
+
+    from genscale.applications.inputs import load_images, to_tensor
+
+    pixels = (np.arange(64, dtype=np.uint8) * 4).reshape(8, 8)
+    Image.fromarray(pixels).save(tmp_path / "grey.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        images, labels = load_images(str(tmp_path / "grey.png"), str(tmp_path), 8, 1, 1)
+        x = to_tensor(images)
+    assert images.shape == (1, 8, 8, 1) and labels.tolist() == [-1]
+    assert torch.equal(x[0, 0], torch.from_numpy(pixels.astype(np.float32)) / 127.5 - 1)

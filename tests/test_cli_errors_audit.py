@@ -130,7 +130,9 @@ def test_sample_out_unwritable_is_refused_before_sampling(tiny_run, tmp_path, mo
     (tmp_path / "grid.png").mkdir()
     (tmp_path / "afile").write_text("x")
     for out, fragment in [(tmp_path / "grid.png", "is a folder"), (tmp_path / "afile" / "s.png", "is a file"),
-                          (tmp_path / "s.jpg", "must end in .png or .npz")]:
+                          (tmp_path / "s.jpg", "must end in .png or .npz"),
+                          # root may write in /proc, yet nothing can be made there: was a traceback after sampling
+                          (Path("/proc/genscale-none/s.png"), "/proc/genscale-none")]:
         with pytest.raises(UserError, match=fragment):
             sample.main(["--run", str(tiny_run), "--num", "2", "--out", str(out)])
 
@@ -155,6 +157,26 @@ def test_resume_with_options_that_change_what_the_weights_mean_is_refused(tiny_r
     proc = train_proc(cache, *TINY, "--steps", "4", "--sampler", "ddpm", "--cfg-scale", "1.5", "--out", str(run))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run / "config.json").read_text())["options"]["cfg_scale"] == 1.5
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+def test_a_run_folder_that_cannot_be_created(cache):
+    proc = train_proc(cache, *TINY, "--out", "/proc/genscale-none/run")
+    assert proc.returncode != 0
+    one_error_line(proc.stderr, "--out /proc/genscale-none/run")
+
+
+def test_no_resume_warning_without_a_checkpoint(tiny_run, cache, tmp_path):
+    """A folder with config.json but no checkpoint (a launch that died at once) starts afresh: it
+    warned "resuming ... with changed batch_size" all the same."""
+    import shutil
+
+    run = tmp_path / "ddpm"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "checkpoints")
+    proc = train_proc(cache, *TINY, "--batch-size", "4", "--out", str(run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming" not in proc.stderr and "finished 2 steps" in proc.stdout
 
 
 def test_a_finished_run_run_again_keeps_its_record(tiny_run, cache, tmp_path):

@@ -308,3 +308,12 @@ def test_transparent_images_are_composited_onto_white(tmp_path):
     pixels_255 = ((batch["image"] + 1) * 127.5).round().int()
     assert (pixels_255[:, :, :2] == 255).all()  # was 0: the black RGB under alpha 0
     assert pixels_255[:, :, 2:].reshape(2, 3, -1)[:, :, 0].tolist() == [[30, 60, 90]] * 2
+
+
+def test_help_describes_the_tool_in_whole_sentences(capsys):
+    from genscale.data.write_shards import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "an .npz, a torchvision dataset on disk, or a folder of side-by-side A|B pairs." in text  # was cut after "torchvision"

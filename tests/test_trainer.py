@@ -269,3 +269,22 @@ def test_optimizer_settings_changed_on_resume_take_effect(tmp_path):
     assert torch.load(ckpt.latest_checkpoint(tmp_path) / "optimizer.bin", weights_only=True)["param_groups"][0]["lr"] == 0.002
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows if r["step"] > 4] == [0.002, 0.002]
+
+
+def test_skipped_samples_are_reported_once_on_the_console(tmp_path, capsys):
+    """Undecodable samples were counted only in metrics.jsonl: a shard set half of broken images
+    trained without a word on the console."""
+    run = toy_run(str(tmp_path), steps=8)
+    family = ToyFamily(run.train, run.options)
+    acc = make_accelerator(1, tmp_path)
+    clean = stream_factory(run.train.batch_size, 1)
+
+    def with_skips(start_step):
+        for i, batch in enumerate(clean(start_step)):
+            yield {**batch, "skipped": 3 if i in (2, 5) else 0}
+
+    Trainer(run, family, with_skips, acc).fit()
+    err = capsys.readouterr().err
+    assert err.count("could not be decoded") == 1 and "warning: 3 samples" in err and "(by step 4;" in err
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_samples"] for r in rows] == [0, 3, 6, 6]  # batches 2 and 5 are steps 3 and 6

@@ -59,7 +59,7 @@ def load_images(spec: str | None, run_dir: str, image_size: int, channels: int,
         from PIL import Image
 
         try:
-            images = np.asarray(Image.open(path))[None]
+            images = np.array(Image.open(path))[None]  # a writable copy (torch warns on a read-only one)
         except OSError:
             raise UserError(f"--input {spec} is not a readable image") from None
     else:
@@ -95,7 +95,6 @@ def write_task_outputs(out: str, grid: np.ndarray, arrays: np.ndarray | torch.Te
     """``out``.png <- the grid; ``out``.npz <- arr_0 uint8 N x H x W x C plus the named ``extra``
     arrays (image tensors are stored as uint8 NHWC like arr_0)."""
     files = output_files(out)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     written = []
     if ".png" in files:
         save_png(files[".png"], grid)

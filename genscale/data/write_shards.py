@@ -149,7 +149,7 @@ def _write(src: str, out_dir: str, source: Source, splits: dict[str, list[Record
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and write the shards; a UserError propagates (see ``cli``)."""
-    parser = ArgumentParser(prog="python -m genscale.data.write_shards", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m genscale.data.write_shards", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("src", help="image folder, class-per-folder tree, .npz file or torchvision root "
                         "(transparent images are composited onto white)")
     parser.add_argument("out_dir", help="where train/, test/ and info.json go")
