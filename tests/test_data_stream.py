@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -314,3 +315,46 @@ def test_every_shard_is_drawn_equally_often_across_ranks():
     assert all(abs(n - expected) < 0.15 * expected for n in uneven.values()), uneven
     even = drawn(8, 4)  # divides evenly: disjoint slices of 2, each shard still drawn equally often
     assert all(abs(n - 4 * 1200 / 8) < 0.15 * 4 * 1200 / 8 for n in even.values()), even
+
+
+ORPHAN = """
+import multiprocessing, os, signal, sys
+from genscale.data import ShardSet, make_loader
+shards = ShardSet(urls=sys.argv[1:], name="ds", channels=1, image_size=8, num_classes=5)
+batches = iter(make_loader(shards, image_size=8, channels=1, batch_size=4, batches_per_epoch=10**6, seed=0,
+                           epoch=0, rank=0, world_size=1, num_workers=1, shuffle_buffer=20, resampled=True))
+next(batches)
+print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer does
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_loader_workers_die_with_a_killed_trainer(forty):
+    """A trainer killed outright left its worker running (deaf to SIGTERM, holding the shell's pipe)."""
+    import os
+    import subprocess
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    # Not subprocess.run: it waits for the end of the output, which a worker left alive holds open.
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN, *forty.urls], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert proc.wait(timeout=120) == -9 and pids
+    finally:
+        proc.stdout.close()
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 3  # the loader's own watchdog would notice only after 5 s, if ever
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in pids)

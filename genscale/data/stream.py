@@ -26,9 +26,11 @@ stops the stream with a UserError naming the sample, raised in the main process.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import signal
+import sys
 import threading
 import zlib
 from dataclasses import dataclass
@@ -187,6 +189,23 @@ class _SampleStages:
                                               partial=not self.resampled)(samples))
 
 
+def _die_with(parent: int) -> None:
+    """On Linux, have the kernel SIGKILL this worker when the trainer dies, however it dies.
+
+    A trainer killed outright (the OOM killer, SIGKILL) left its worker running: blocked on a
+    full queue no one reads, deaf to SIGTERM (below), holding the launching shell's output pipe.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the trainer died before prctl took effect
+        os._exit(0)
+
+
 def ignore_stop_signals(_worker_id: int) -> None:
     """Loader workers leave SIGTERM/SIGINT to the trainer process, which saves before exiting.
 
@@ -195,6 +214,7 @@ def ignore_stop_signals(_worker_id: int) -> None:
     SIGTERM (multiprocessing's shutdown of its workers) still ends a worker.
     """
     parent = os.getppid()
+    _die_with(parent)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 
     def wait() -> None:
