@@ -157,6 +157,10 @@ def evaluate(args: argparse.Namespace, acc) -> dict:
         shape, num = images.shape[1:], min(args.num, len(images)) if args.num else len(images)
         images, labels = images[:num], None if labels is None else labels[:num]
     train = record.get("train", {})
+    if not (args.reference or train.get("data") or args.dataset) and shape[2] != 1:
+        # --samples alone is compared with the embedded digits (the result says so): grey images only
+        raise UserError(f"--samples holds {shape[2]}-channel images, and without --reference they would be "
+                        "compared with the embedded digits (greyscale); give --reference (a folder or a data set).")
     reference_flag = "--reference" if args.reference else "the run's --data" if train.get("data") else "--dataset"
     setup = EvalSetup(metric=args.metric, features=args.features,
                       reference=args.reference or train.get("data") or args.dataset or "digits",

@@ -324,3 +324,13 @@ def test_samples_npz_and_family_paths_agree(cache, ddpm_run):
     images = np.concatenate([draw(k, 25 * k, min(60, 25 * k + 25)) for k in range(3)])
     ev = Evaluator(EvalSetup(image_size=8, channels=1, chunk_size=25))
     np.testing.assert_array_equal(ev.features_of(draw, 60), ev.features_of(array_images(images), 60))
+
+
+def test_colour_samples_without_a_reference_are_not_scored_against_the_digits(tmp_path, capsys):
+    """--samples alone compares with the embedded digits: 32x32 colour samples got an FID of 139
+    against 8x8 grey digits, exit 0."""
+    path = tmp_path / "colour.npz"
+    np.savez(path, np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8))
+    assert evaluate.main(["--samples", str(path), "--metric", "fid"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "--samples holds 3-channel images" in err and "give --reference" in err
