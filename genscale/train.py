@@ -243,7 +243,8 @@ def train_autoencoder_first(run: RunConfig) -> str | None:
         argv += ["--steps", str(run.options.autoencoder_steps)]
     ae_run = parse_train_args(argv)
     if os.environ.get("RANK", "0") == "0":
-        print(f"ldm: no --autoencoder given, so a KL autoencoder is trained first into {out}", flush=True)
+        print(f"ldm: no --autoencoder given, so a KL autoencoder is trained first into {out} "
+              f"({ae_run.train.steps} steps, --autoencoder-steps to change)", flush=True)
     # Whether it finished comes from the training loop, which every rank left at the same step,
     # not from each rank's directory listing (a shared filesystem's cache can differ per node).
     return str(out) if train(ae_run, last=False) else None
@@ -270,16 +271,17 @@ def train(run: RunConfig, last: bool = True) -> bool:
     shards = resolve_data(cfg.data, "train", cfg.cache_dir or None)
     module = family_module(cfg.model)
     info = shards.data_info(image_size=cfg.image_size)
-    if shards.image_size and shards.image_size != cfg.image_size and os.environ.get("RANK", "0") == "0":
-        # Presets are sized for the embedded digits (8 px): say so when the data is larger or smaller.
-        print(f"note: {cfg.data} holds {shards.image_size} px images; training at --image-size {cfg.image_size} "
-              "(resized)", file=sys.stderr)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every re-run
     try:
         family = module.FAMILY(cfg, run.options, info)
     except ValueError as err:  # e.g. an image size the networks cannot take
         raise UserError(str(err)) from None
     check_attention_levels(family)
+    if shards.image_size and shards.image_size != cfg.image_size and os.environ.get("RANK", "0") == "0":
+        # Presets are sized for the embedded digits (8 px): say so when the data is larger or smaller
+        # (after the checks above: a refused --image-size gets its one sentence alone).
+        print(f"note: {cfg.data} holds {shards.image_size} px images; training at --image-size {cfg.image_size} "
+              "(resized)", file=sys.stderr)
     check_checkpoint_fits(run, family)
     if os.environ.get("RANK", "0") == "0":
         warn_changed_stream(run)

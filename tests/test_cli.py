@@ -71,7 +71,8 @@ def test_image_size_the_unet_cannot_take(tmp_path):
     proc = run_script("train.py", "--image-size", "12", "--channel-mults", "1,2,2,2", "--out",
                       str(tmp_path / "run"), cache=tmp_path / "cache")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "12" in proc.stderr
+    # one sentence: the "training at --image-size 12 (resized)" note came first
+    assert proc.stderr.strip().count("\n") == 0 and "12" in proc.stderr, proc.stderr
 
 
 def test_config_file_values_and_precedence(tmp_path):
