@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, NoReturn
@@ -63,8 +64,20 @@ def output_files(out: str, flag: str = "--out") -> dict[str, Path]:
     return files
 
 
+def quiet_interrupt_while_starting() -> None:
+    """Until run_main starts, Ctrl-C ends the process as run_main would ("interrupted", 130):
+    an entry point spends its first seconds importing torch, and Python's own handler printed a
+    KeyboardInterrupt traceback from inside that import."""
+    def interrupted(_signum, _frame) -> None:
+        os.write(2, b"interrupted\n")
+        os._exit(130)  # nothing has started that needs cleaning up
+
+    signal.signal(signal.SIGINT, interrupted)
+
+
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
     """Call ``main`` and turn a UserError into one line on stderr and its exit code."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt again (see above)
     try:
         code = main(argv)
     except UserError as err:

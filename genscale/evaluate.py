@@ -33,6 +33,9 @@ if not __package__:
     _PACKAGE_DIR = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _PACKAGE_DIR]
     sys.path.insert(0, str(_PACKAGE_DIR.parent))
+    from genscale.cli import quiet_interrupt_while_starting
+
+    quiet_interrupt_while_starting()
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -20,6 +20,9 @@ from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: import the package, not the files beside this one
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
+    from genscale.cli import quiet_interrupt_while_starting
+
+    quiet_interrupt_while_starting()
 
 import argparse
 import json
