@@ -65,6 +65,12 @@ def test_sample_py_inpaints_with_every_inpainting_family(model, cache, inputs, t
     assert np.array_equal(filled[masks == 1], images[masks == 1])  # bit for bit
     assert not np.array_equal(filled[masks == 0], images[masks == 0])
     assert (tmp_path / "out.png").is_file()
+    # plain sampling fills held-out images of the run's data (inpaint refused it: only gan-inpaint did)
+    plain = subprocess.run([sys.executable, str(ROOT / "genscale" / "sample.py"), "--run", str(tmp_path / "run"),
+                            "--num", "4", "--out", str(tmp_path / "plain.npz")],
+                           cwd=ROOT, env=env(cache), capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert np.load(tmp_path / "plain.npz")["arr_0"].shape == (4, 8, 8, 1)
     if model == "inpaint":  # usage errors: one clear line, no traceback
         np.savez(tmp_path / "bad.npz", masks[:, :4])
         for args, fragment in [((images_path, tmp_path / "bad.npz"), "--mask arr_0 must be"),

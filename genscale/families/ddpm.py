@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 
 import kernels
+from genscale.diffusion.losses import diffusion_loss
 from genscale.diffusion.samplers import ddim_sample, ddpm_sample
 from genscale.diffusion.schedule import NoiseSchedule
-from genscale.diffusion.losses import diffusion_loss
 from genscale.errors import UserError
 from genscale.families.base import DataInfo, Family
 from genscale.models.unet import UNet

@@ -1,6 +1,6 @@
-"""Held-out inputs for the image-to-image GANs when a caller gives none.
+"""Held-out inputs for the image-to-image families when a caller gives none.
 
-pix2pix translates a source image and gan-inpaint fills holes in an image, so "draw n samples"
+pix2pix translates a source image, gan-inpaint and inpaint fill holes in an image, so "draw n samples"
 (the periodic grids, sample.py) needs inputs. They come from the run's own data: the first
 images of its test split (the train split when it has none), loaded once and cached, and n of
 them picked with the caller's generator, so a fixed seed shows the same inputs at every grid.

@@ -17,10 +17,11 @@ from genscale.data.masks import MASK_KINDS, random_masks
 from genscale.errors import UserError
 from genscale.families.base import Batch, DataInfo, Family, Optimize
 from genscale.families.gan_base import eval_mode
+from genscale.families.gan_reference import load_reference, pick
 from genscale.inpainting import check_masks, composite
 from genscale.models.inpaint_unet import InpaintUNet
-from genscale.transfer import to_device
 from genscale.optim import adam
+from genscale.transfer import to_device
 
 PREVIEW = 8  # images kept from the first batch for the periodic grids
 
@@ -77,7 +78,8 @@ class Inpaint(Family):
             raise UserError(str(err)) from None
         self.optimizers["unet"] = adam(self.nets["unet"].parameters(), train.lr, decoupled=True,
                                        weight_decay=train.weight_decay)
-        self.preview: torch.Tensor | None = None
+        self.preview: torch.Tensor | None = None  # the first training images: the grids' inputs
+        self.train_cfg = train  # its data: held-out images to fill when sampling from a saved run
 
     def predict(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The network's raw prediction of the whole image from its known part."""
@@ -113,12 +115,13 @@ class Inpaint(Family):
     @torch.no_grad()
     def sample(self, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None,
                image: torch.Tensor | None = None, mask: torch.Tensor | None = None, **options) -> torch.Tensor:
-        """Inpaint ``image`` (default: images kept from training) under ``mask`` (default: random
-        masks of the training kind drawn from ``generator``); labels are ignored."""
-        if image is None:
-            if self.preview is None:
-                raise UserError("inpaint fills holes in images: use sample.py --task inpaint --input --mask")
+        """Inpaint ``image`` (default: the images kept from training, or in a run loaded from disk
+        held-out images of its data picked by ``generator``, as gan-inpaint does) under ``mask``
+        (default: random masks of the training kind drawn from ``generator``); labels are ignored."""
+        if image is None and self.preview is not None:
             image = self.preview[torch.arange(n) % len(self.preview)]
+        elif image is None:
+            image = pick(load_reference(self.train_cfg, self.info), n, generator)["image"]
         if mask is None:
             mask = random_masks(self.opts.mask, len(image), tuple(image.shape[-2:]), generator=generator)
         return self.inpaint(image, mask)

@@ -29,8 +29,8 @@ from genscale.families.base import Batch, DataInfo, Family, Optimize
 from genscale.families.gan_base import eval_mode
 from genscale.inpainting import check_masks, composite
 from genscale.models.masked_transformer import MaskedTransformer, patch_mask, patchify, unpatchify
-from genscale.transfer import to_device
 from genscale.optim import adam
+from genscale.transfer import to_device
 
 MASK_SCHEDULES = ("cosine", "fixed")
 
