@@ -55,7 +55,7 @@ def output_files(out: str, flag: str = "--out") -> dict[str, Path]:
     made here, so that both are found before the work."""
     path = Path(out)
     kind = path.suffix.lower()
-    if kind not in ("", ".png", ".npz"):
+    if kind not in ("", ".png", ".npz") or path.name.endswith("."):  # "x.png." has no suffix: x.png..png
         raise UserError(f"{flag} must end in .png or .npz (or have no suffix for both), got {out}")
     files = {kind: path} if kind else {k: path.with_suffix(k) for k in (".png", ".npz")}
     for file in files.values():

@@ -131,6 +131,7 @@ def test_sample_out_unwritable_is_refused_before_sampling(tiny_run, tmp_path, mo
     (tmp_path / "afile").write_text("x")
     for out, fragment in [(tmp_path / "grid.png", "is a folder"), (tmp_path / "afile" / "s.png", "is a file"),
                           (tmp_path / "s.jpg", "must end in .png or .npz"),
+                          (tmp_path / "s.png.", "must end in .png or .npz"),  # wrote s.png..png and s.png..npz
                           # root may write in /proc, yet nothing can be made there: was a traceback after sampling
                           (Path("/proc/genscale-none/s.png"), "/proc/genscale-none")]:
         with pytest.raises(UserError, match=fragment):
