@@ -151,7 +151,12 @@ genscale_run() {
     if (( _genscale_requeue )); then
         _genscale_log "the step stopped (exit $rc); requeueing job ${GENSCALE_JOB} to resume from its checkpoint"
         trap '' TERM   # the requeue terminates this shell; nothing is left to do
-        scontrol requeue "$GENSCALE_JOB"
+        if ! scontrol requeue "$GENSCALE_JOB"; then
+            # e.g. a job submitted with --no-requeue: exit 0 would mark an unfinished run COMPLETED
+            # (and start the jobs that wait on it with --dependency=afterok)
+            _genscale_log "error: job ${GENSCALE_JOB} could not be requeued; submit the same command again to resume from its checkpoint"
+            exit 1
+        fi
         exit 0
     fi
     _genscale_log "the step ended with exit code $rc"

@@ -35,6 +35,10 @@ shift
 
 gpus=$(gpus_on_node)
 per_node=${GENSCALE_PROCS_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}
+if ! [[ $per_node =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: GENSCALE_PROCS_PER_NODE must be a positive whole number; got '$per_node'" >&2
+    exit 2
+fi
 nodes=${SLURM_NNODES:-1}
 rank=${SLURM_NODEID:-0}
 world=$(( per_node * nodes ))

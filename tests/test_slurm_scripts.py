@@ -164,6 +164,9 @@ done
 FAKE_SCONTROL = """#!/usr/bin/env bash
 echo "scontrol $*" >> "$FAKE_CALLS"
 if [[ "$1 $2" == "show job" ]]; then echo "JobId=42 JobName=genscale-train Reason=$FAKE_REASON Restarts=0"; fi
+if [[ $1 == requeue && -n ${FAKE_REQUEUE_FAILS:-} ]]; then  # e.g. a job submitted with --no-requeue
+    echo "Requested operation is presently disabled for job 42" >&2; exit 1
+fi
 """
 FAKE_SCANCEL = """#!/usr/bin/env bash
 echo "scancel $*" >> "$FAKE_CALLS"
@@ -171,7 +174,7 @@ echo "scancel $*" >> "$FAKE_CALLS"
 
 
 def _start_batch(folder: Path, plan: str, reason: str = "None", resumable: str = "1",
-                 stale: bool = False) -> tuple[subprocess.Popen, Path]:
+                 stale: bool = False, requeue_fails: bool = False) -> tuple[subprocess.Popen, Path]:
     """genscale_run in a batch shell of its own, with srun, scontrol and scancel faked on PATH."""
     bin_dir = folder / "bin"
     bin_dir.mkdir(parents=True)
@@ -189,6 +192,8 @@ def _start_batch(folder: Path, plan: str, reason: str = "None", resumable: str =
                 "FAKE_CALLS": str(calls), "FAKE_PLAN": plan, "FAKE_REASON": reason, "FAKE_PYTHON": sys.executable})
     if resumable == "0":
         env["GENSCALE_RESUMABLE"] = "0"
+    if requeue_fails:
+        env["FAKE_REQUEUE_FAILS"] = "1"
     script = f"""
         set -uo pipefail
         export FAKE_BATCH_SHELL=$$
@@ -251,6 +256,28 @@ def test_time_limit_requeues_only_an_unfinished_command(tmp_path):
         rc, log, calls = results[name]
         assert "scontrol requeue 42" not in calls, (name, log, calls)
     assert _status_files_left(tmp_path) == []
+
+
+def test_a_requeue_that_fails_fails_the_job(tmp_path):
+    """scontrol requeue refused (a job submitted with --no-requeue): the shell said "requeueing" and
+    exited 0, so the unfinished run ended COMPLETED and jobs waiting on afterok started."""
+    rc, log, calls = _batches(tmp_path, {"no_requeue": {"plan": "usr1", "requeue_fails": True}})["no_requeue"]
+    assert "scontrol requeue 42" in calls
+    assert rc == 1 and "job 42 could not be requeued; submit the same command again to resume" in log, (rc, log)
+
+
+def test_batch_scripts_outside_a_job_and_bad_process_counts_are_one_line():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GENSCALE_"))}
+    for script in ("train.sbatch", "eval.sbatch"):  # was "SLURM_JOB_ID: unbound variable", twice
+        proc = subprocess.run(["bash", str(SLURM / script), "--model", "ddpm"], env=env, capture_output=True,
+                              text=True, timeout=30)
+        assert proc.returncode == 2 and proc.stderr.strip() == f"error: {script} is a SLURM batch script: submit it with sbatch"
+    for value in ("0", "abc", "-2"):  # was bash's "division by 0" / "abc: unbound variable" on every node
+        proc = subprocess.run(["bash", str(SLURM / "launch_node.sh"), "genscale/train.py"],
+                              env={**env, "GENSCALE_PROCS_PER_NODE": value, "GENSCALE_DRY_RUN": "1"},
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2 and proc.stderr.strip() == (
+            f"error: GENSCALE_PROCS_PER_NODE must be a positive whole number; got '{value}'"), proc.stderr
 
 
 @pytest.mark.parametrize("finished, rank, written", [(True, "0", True), (False, "0", False), (True, "1", False)])
