@@ -47,19 +47,6 @@ def tiny_run(tmp_path_factory, cache) -> Path:
     return out
 
 
-def test_resume_with_other_network_options_keeps_the_run_intact(tiny_run, cache):
-    before = (tiny_run / "config.json").read_text()
-    proc = train_proc(cache, *TINY, "--steps", "4", "--base-width", "32", "--out", str(tiny_run))
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    one_error_line(proc.stderr, "resume with --base-width 16")
-    # config.json was rewritten with base_width 32 before the load failed: sample.py then refused the run
-    assert (tiny_run / "config.json").read_text() == before
-    from genscale.sample import load_family
-
-    _, _, step = load_family(tiny_run)
-    assert step == 2
-
-
 def test_divergence_before_the_first_checkpoint_promises_no_checkpoint(tmp_path, cache):
     proc = train_proc(cache, *TINY, "--steps", "6", "--ckpt-every", "6", "--lr", "1e30", "--grad-clip", "0",
                       "--warmup-steps", "0", "--out", str(tmp_path / "run"))
@@ -138,59 +125,11 @@ def test_sample_out_unwritable_is_refused_before_sampling(tiny_run, tmp_path, mo
             sample.main(["--run", str(tiny_run), "--num", "2", "--out", str(out)])
 
 
-def test_resume_with_options_that_change_what_the_weights_mean_is_refused(tiny_run, cache, tmp_path):
-    """A resume takes its options from the flags: --schedule/--timesteps/--prediction other than the
-    run's were accepted and written to config.json, and sample.py then read the weights under them."""
-    import shutil
-
-    run = tmp_path / "ddpm"
-    shutil.copytree(tiny_run, run)
-    before = (run / "config.json").read_text()
-    old = json.loads(before)["options"]
-    proc = train_proc(cache, *TINY, "--steps", "4", "--schedule", "linear" if old["schedule"] != "linear" else "cosine",
-                      "--prediction", "v" if old["prediction"] != "v" else "eps", "--out", str(run))
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    was = f"--prediction {old['prediction']} --schedule {old['schedule']}"
-    one_error_line(proc.stderr, f"were trained with {was}; resume with {was} (or --config {run / 'config.json'})")
-    assert (run / "config.json").read_text() == before
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]
-    # Sampling settings may change: the run goes on, and records them.
-    proc = train_proc(cache, *TINY, "--steps", "4", "--sampler", "ddpm", "--cfg-scale", "1.5", "--out", str(run))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((run / "config.json").read_text())["options"]["cfg_scale"] == 1.5
-
-
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
 def test_a_run_folder_that_cannot_be_created(cache):
     proc = train_proc(cache, *TINY, "--out", "/proc/genscale-none/run")
     assert proc.returncode != 0
     one_error_line(proc.stderr, "--out /proc/genscale-none/run")
-
-
-def test_no_resume_warning_without_a_checkpoint(tiny_run, cache, tmp_path):
-    """A folder with config.json but no checkpoint (a launch that died at once) starts afresh: it
-    warned "resuming ... with changed batch_size" all the same."""
-    import shutil
-
-    run = tmp_path / "ddpm"
-    shutil.copytree(tiny_run, run)
-    shutil.rmtree(run / "checkpoints")
-    proc = train_proc(cache, *TINY, "--batch-size", "4", "--out", str(run))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming" not in proc.stderr and "finished 2 steps" in proc.stdout
-
-
-def test_a_finished_run_run_again_keeps_its_record(tiny_run, cache, tmp_path):
-    """"nothing to do", yet config.json was rewritten with the new flags (here --steps 1, --lr 5)."""
-    import shutil
-
-    run = tmp_path / "ddpm"
-    shutil.copytree(tiny_run, run)
-    before = (run / "config.json").read_text()
-    proc = train_proc(cache, *TINY, "--steps", "1", "--lr", "5", "--out", str(run))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "nothing to do" in proc.stdout + proc.stderr
-    assert (run / "config.json").read_text() == before
 
 
 @pytest.mark.parametrize("name, written", [("S.PNG", ["S.PNG"]), ("S.Npz", ["S.Npz"]), ("s", ["s.npz", "s.png"])])
@@ -433,7 +372,6 @@ def test_evaluate_accuracy_of_an_unconditional_run(tmp_path, cache, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     one_error_line(captured.err, "needs a class-conditional run")
-
 
 
 def test_evaluate_missing_reference_is_named_by_its_own_flag(tmp_path, capsys):
