@@ -185,7 +185,8 @@ class Trainer:
         saved_world = ckpt.read_meta(latest).get("world_size")
         if saved_world not in (None, self.acc.num_processes) and self.acc.is_main_process:
             # Each rank's data stream and seeds depend on its rank and the world size.
-            print(f"warning: resuming {self.out} with {self.acc.num_processes} processes, saved with {saved_world}; "
+            n = self.acc.num_processes
+            print(f"warning: resuming {self.out} with {n} process{'' if n == 1 else 'es'}, saved with {saved_world}; "
                   "the run continues but will not match an uninterrupted one", file=sys.stderr)
         return True
 

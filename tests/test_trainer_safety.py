@@ -268,4 +268,4 @@ def test_resume_with_another_world_size_warns(tmp_path, capsys):
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "world_size": 2}))
     capsys.readouterr()
     train_toy(tmp_path, steps=6)
-    assert "with 1 processes, saved with 2" in capsys.readouterr().err
+    assert "with 1 process, saved with 2" in capsys.readouterr().err
