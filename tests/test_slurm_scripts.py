@@ -92,6 +92,16 @@ def test_sweep_errors_are_one_line(tmp_path):
     assert proc.returncode == 2 and "holds 2: use --array=0-1" in proc.stderr
     proc = sweep({"SLURM_ARRAY_TASK_ID": "0", "SLURM_JOB_ID": "5"}, "--configs", str(tmp_path / "missing.txt"))
     assert proc.returncode == 2 and "cannot read" in proc.stderr
+    # each of these started every array task, or printed bash's own "line 54: 2: --configs needs a file"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    task = {"SLURM_ARRAY_TASK_ID": "0", "SLURM_JOB_ID": "5"}
+    for args, sentence in [(("--configs", str(empty)), f"the sweep file {empty} holds no lines of arguments"),
+                           (("--seed", "{i}", "--configs", str(lines)), "--configs FILE must come first"),
+                           (("--configs",), "--configs needs a file of train.py arguments")]:
+        proc = sweep(task, *args)
+        assert proc.returncode == 2 and proc.stderr.strip().startswith(f"error: {sentence}"), (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def _handlers(resumable: str, reason: str) -> str:
