@@ -96,8 +96,15 @@ def test_inpaint_checks_mask_shapes():
 
 def test_sample_and_grid_show_masked_input_filled_original():
     fam = build()
-    with pytest.raises(UserError):
-        fam.sample(4)  # no training images kept yet and none given
+    # No training images kept yet and none given (a run loaded from disk): held-out images of the
+    # run's data (the digits' test split) are filled, picked by the generator like the masks.
+    from genscale.families.gan_reference import load_reference, pick
+
+    before = fam.sample(4, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    held_out = pick(load_reference(fam.train_cfg, fam.info), 4, gen)["image"]
+    known = random_masks(fam.opts.mask, 4, (8, 8), generator=gen).expand_as(before) > 0.5
+    assert before.shape == (4, 1, 8, 8) and torch.equal(before[known], held_out[known])
     x = images()
     fam.training_step({"image": x}, plain_optimize(fam))
     a = fam.sample(10, generator=torch.Generator().manual_seed(1))
