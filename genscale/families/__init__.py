@@ -2,7 +2,8 @@
 
 A family module defines ``Options`` (a dataclass of its own flags), ``PRESET`` (defaults for the
 common training flags that suit it on its default data), ``RESUME_MAY_CHANGE`` (the options a
-resumed run may change; train.py refuses a change to any other) and ``FAMILY`` (its Family
+resumed run may change, training and sampling settings; a change to any other would give the
+saved weights another meaning, so train.py refuses it) and ``FAMILY`` (its Family
 subclass, built as ``FAMILY(train_config, options, data_info)``). Adding a family = one file + one
 line here.
 """

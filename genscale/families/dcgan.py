@@ -38,8 +38,7 @@ OPTION_HELP = {
 }
 
 
-# Options a resumed run may change (training and sampling settings); any other change would give
-# the saved weights another meaning, and train.py refuses it (check_same_options).
+# Options a resume may change (genscale/families/__init__.py; train.check_same_options refuses others).
 RESUME_MAY_CHANGE = ("beta1", "beta2", "d_lr")
 
 PRESET = {**DIGITS_PRESET, "steps": 3000}

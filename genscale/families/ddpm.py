@@ -82,8 +82,7 @@ OPTION_HELP = {
 # The digits at their native 8x8 (upsampling them adds pixels, not information) on a 2-core CPU
 # in under ten minutes; pass a larger --image-size with wider --channel-mults for real data.
 
-# Options a resumed run may change (training and sampling settings); any other change would give
-# the saved weights another meaning, and train.py refuses it (check_same_options).
+# Options a resume may change (genscale/families/__init__.py; train.check_same_options refuses others).
 RESUME_MAY_CHANGE = ("loss", "dropout", "cond_drop", "sampler", "sampling_steps", "eta", "cfg_scale")
 
 PRESET = {"data": "digits", "image_size": 8, "steps": 2000, "batch_size": 64, "lr": 1e-3,

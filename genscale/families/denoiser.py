@@ -43,8 +43,7 @@ OPTION_HELP = {
 
 # ~2 minutes on one CPU thread for the 8x8 digits.
 
-# Options a resumed run may change (training and sampling settings); any other change would give
-# the saved weights another meaning, and train.py refuses it (check_same_options).
+# Options a resume may change (genscale/families/__init__.py; train.check_same_options refuses others).
 # (--sigma is the noise level the weights remove: not one of them)
 RESUME_MAY_CHANGE = ()
 

@@ -45,8 +45,7 @@ OPTION_HELP = {
 # On digits the MLP discriminator keeps gaining on the generator, which then drops digits: by
 # step 2000 every digit is well covered, by 4000 the rarest one is not (measured): 2000 steps.
 
-# Options a resumed run may change (training and sampling settings); any other change would give
-# the saved weights another meaning, and train.py refuses it (check_same_options).
+# Options a resume may change (genscale/families/__init__.py; train.check_same_options refuses others).
 RESUME_MAY_CHANGE = ("d_dropout", "beta1", "beta2", "d_lr")
 
 PRESET = {**DIGITS_PRESET, "sample_every": 1000}

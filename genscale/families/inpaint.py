@@ -50,8 +50,7 @@ OPTION_HELP = {
 }
 
 
-# Options a resumed run may change (training and sampling settings); any other change would give
-# the saved weights another meaning, and train.py refuses it (check_same_options).
+# Options a resume may change (genscale/families/__init__.py; train.check_same_options refuses others).
 RESUME_MAY_CHANGE = ("mask", "known_weight")
 
 PRESET = {"data": "digits", "image_size": 8, "steps": 4000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100,

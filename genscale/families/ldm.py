@@ -73,8 +73,7 @@ OPTION_HELP = {**ddpm.OPTION_HELP,
 
 # A 16-d latent (a flat VAE latent folded to 4 x 2 x 2) is far cheaper than 8x8 pixels.
 
-# Options a resumed run may change (training and sampling settings); any other change would give
-# the saved weights another meaning, and train.py refuses it (check_same_options).
+# Options a resume may change (genscale/families/__init__.py; train.check_same_options refuses others).
 # autoencoder and autoencoder_config are filled in by the run itself (the autoencoder trained first);
 # scale_samples only matters before the first checkpoint, which holds the latent scale.
 RESUME_MAY_CHANGE = (*ddpm.RESUME_MAY_CHANGE, "autoencoder", "autoencoder_config", "scale_samples")

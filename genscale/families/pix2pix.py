@@ -79,8 +79,7 @@ OPTION_HELP = {
 # The colourisation pairs of the bundled photos (grey -> colour) at 32 px on a 2-core CPU. The
 # output differs from the input only in colour, so the generator predicts the change (residual).
 
-# Options a resumed run may change (training and sampling settings); any other change would give
-# the saved weights another meaning, and train.py refuses it (check_same_options).
+# Options a resume may change (genscale/families/__init__.py; train.check_same_options refuses others).
 RESUME_MAY_CHANGE = ("l1_weight", "dropout", "beta1", "beta2", "d_lr")
 
 PRESET = {"data": "photos-paired", "image_size": 32, "steps": 1500, "batch_size": 16, "lr": 5e-4,

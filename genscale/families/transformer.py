@@ -78,8 +78,7 @@ OPTION_HELP = {
 
 # 64 pixel tokens of width 64: about 0.11 CPU-seconds a step at batch 64.
 
-# Options a resumed run may change (training and sampling settings); any other change would give
-# the saved weights another meaning, and train.py refuses it (check_same_options).
+# Options a resume may change (genscale/families/__init__.py; train.check_same_options refuses others).
 RESUME_MAY_CHANGE = ("dropout", "mask_ratio", "inpaint_masks", "cond_drop", "sampling_steps", "temperature")
 
 PRESET = {"data": "digits", "image_size": 8, "steps": 3000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100,

@@ -49,8 +49,7 @@ OPTION_HELP = {
 
 # 8x8 digits, a flat 16-d latent: about 1.5 ms a step on one core, a few minutes in all.
 
-# Options a resumed run may change (training and sampling settings); any other change would give
-# the saved weights another meaning, and train.py refuses it (check_same_options).
+# Options a resume may change (genscale/families/__init__.py; train.check_same_options refuses others).
 RESUME_MAY_CHANGE = ("beta", "elbo_samples")
 
 PRESET = {"data": "digits", "image_size": 8, "steps": 6000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100,
