@@ -56,16 +56,19 @@ def test_each_call_writes_fresh_memory_while_its_previous_output_lives():
 
 def test_a_stream_timed_row_is_marked_and_never_divided_by_a_graph_timed_one():
     payload = json.loads((H100_RESULTS / "results.json").read_text())
-    # the committed run: every kernel row graph-timed, so the summary is unchanged
-    assert summarize.markdown(payload).strip() == (H100_RESULTS / "summary.md").read_text().strip()
     case = "fwd 16x128x64x64 bfloat16 nchw"
+    times = {}
     for row in payload["results"]:
-        if row["suite"] == "group_norm" and row["case"] == case and row["variant"] == "compile":
-            row["timing"] = "stream"  # as if its capture had failed
+        if row["suite"] == "group_norm" and row["case"] == case:
+            times[row["variant"]] = row["time_s"]
+            if row["variant"] == "compile":
+                row["timing"] = "stream"  # as if its capture had failed
     line = next(ln for ln in summarize.markdown(payload).splitlines() if ln.startswith(f"| {case} |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[2] == "21.1 us (stream)"  # eager, compile, triton, vs eager, vs compile, ...
-    assert cells[4] == "3.79x" and cells[5] == "-"
+    # cells: case, eager, compile, triton, vs eager, vs compile, ...; the expected text is made
+    # from the raw times here, not copied from the summary
+    assert cells[2] == f"{times['compile'] * 1e6:.1f} us (stream)"
+    assert cells[4] == f"{times['eager'] / times['triton']:.2f}x" and cells[5] == "-"
     assert "timing differs" in cells[-1] and "MISS compile -" in cells[-1]
 
 

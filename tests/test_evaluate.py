@@ -315,7 +315,6 @@ def test_fid_is_refused_only_for_families_that_need_input_images():
 
 def test_samples_npz_and_family_paths_agree(cache, ddpm_run):
     """The features of a run's chunks equal those of the same images handed over as an array."""
-    from genscale.metrics.features import to_rgb_uint8  # noqa: F401 -- the array path's converter
     from genscale.sample import load_family
 
     family, _, _ = load_family(ddpm_run)

@@ -3,7 +3,6 @@ feature extractors, folders, the reference cache. Runs clean-fid's own code on t
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -263,7 +262,7 @@ def test_missing_inception_weights_name_the_file_and_folder(tmp_path, monkeypatc
     with pytest.raises(UserError) as err:
         build_extractor("inception", "")
     message = str(err.value)
-    assert f"place inception-2015-12-05.pt" in message and f"in {tmp_path / 'weights'}/" in message
+    assert "place inception-2015-12-05.pt" in message and f"in {tmp_path / 'weights'}/" in message
     assert len(message.splitlines()) == 1
     samples = tmp_path / "s.npz"
     np.savez(samples, _upsampled_test_digits(4))

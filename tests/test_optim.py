@@ -4,8 +4,6 @@ weight decay added to the gradient; Loshchilov & Hutter 2019, Algorithm 2, decou
 scaled by the learning rate as in torch.optim.AdamW)."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -48,16 +46,11 @@ def test_fused_steps_follow_the_update_rule(decoupled):
     expected = reference_steps(p0, grads, 0.05, options["betas"], options["eps"], options["weight_decay"], decoupled)
     moved = (expected - p0.double()).abs().max()
     assert moved > 0.1  # the steps did move the parameters
-    assert (param.detach().double() - expected).abs().max() <= 1e-5 * max(1.0, float(expected.abs().max()))
-
-
-def test_decoupled_and_l2_decay_differ():
-    """The two rules are told apart by the test above: with decay they give different parameters."""
-    g = torch.Generator().manual_seed(4)
-    p0, grads = torch.randn(64, generator=g), [torch.randn(64, generator=g) for _ in range(3)]
-    a = reference_steps(p0, grads, 0.05, (0.9, 0.999), 1e-8, 0.5, True)
-    b = reference_steps(p0, grads, 0.05, (0.9, 0.999), 1e-8, 0.5, False)
-    assert not math.isclose(float((a - b).abs().max()), 0.0, abs_tol=1e-4)
+    bound = 1e-5 * max(1.0, float(expected.abs().max()))
+    assert (param.detach().double() - expected).abs().max() <= bound
+    # and the other decay rule lands far outside that bound: Adam and AdamW are told apart
+    other = reference_steps(p0, grads, 0.05, options["betas"], options["eps"], options["weight_decay"], not decoupled)
+    assert (param.detach().double() - other).abs().max() > 100 * bound
 
 
 @pytest.mark.parametrize("model", sorted(SMALL))

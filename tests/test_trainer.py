@@ -56,15 +56,17 @@ def test_accumulation_equals_big_batch(tmp_path):
 
 
 def test_ema_matches_closed_form():
+    """Warm-up first ((1+k)/(10+k) = 0.1, 0.18), then the configured decay 0.2 caps it from the
+    third update on: both halves of d_k = min(decay, (1+k)/(10+k)) decide the result."""
     net = torch.nn.Linear(3, 1, bias=False)
     with torch.no_grad():
         net.weight.fill_(0.0)
-    ema = EMA({"m": net}, decay=0.5)
+    ema = EMA({"m": net}, decay=0.2)
     expected = torch.zeros(1, 3, dtype=torch.float64)
-    for k, value in enumerate([1.0, 2.0, 4.0, -1.0, 3.0]):
+    decays = [0.1, 2 / 11, 0.2, 0.2, 0.2, 0.2]  # written out, not computed by the formula under test
+    for d, value in zip(decays, [1.0, 2.0, 4.0, -1.0, 3.0, 5.0]):
         with torch.no_grad():
             net.weight.fill_(value)
-        d = min(0.5, (1 + k) / (10 + k))
         expected = d * expected + (1 - d) * value
         ema.update({"m": net})
     torch.testing.assert_close(ema.nets["m"].weight.double(), expected, rtol=1e-6, atol=1e-7)
@@ -224,14 +226,14 @@ def test_ema_update_equals_the_per_tensor_formula_bit_for_bit():
     every parameter of a real network (several shapes), and copies buffers (BatchNorm stats)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(6, 2))
-    ema = EMA({"m": net}, decay=0.9)
+    ema = EMA({"m": net}, decay=0.25)  # the cap binds from the fourth update ((1+3)/13 > 0.25)
     reference = [p.detach().clone() for p in net.parameters()]
-    for k in range(4):
+    for k in range(6):
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(torch.randn_like(p))
             net[1].running_mean.add_(1.0)
-        d = min(0.9, (1 + k) / (10 + k))
+        d = min(0.25, (1 + k) / (10 + k))
         for r, p in zip(reference, net.parameters()):
             r.lerp_(p.detach(), 1.0 - d)
         ema.update({"m": net})

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import _group_norm_ops, _noise_custom_ops, _noise_ops
+from kernels import _dispatch, _group_norm_ops, _noise_custom_ops, _noise_ops
 from kernels._dispatch import use_triton
 
 
@@ -32,10 +32,18 @@ def test_cpu_tensors_use_the_eager_reference(monkeypatch, mode):
     kernels.q_sample(x, 0, torch.linspace(0.99, 0.01, 10, dtype=torch.float64), seed=1)
 
 
+class _CudaTensorStandIn:
+    """What use_triton reads of a CUDA tensor, for a machine without one."""
+    is_cuda = True
+
+
 def test_eager_mode_wins_even_on_cuda(monkeypatch):
+    monkeypatch.setattr(_dispatch, "triton_importable", lambda: True)
+    cuda_like = _CudaTensorStandIn()
+    monkeypatch.setenv("GENSCALE_KERNELS", "auto")
+    assert use_triton(cuda_like)  # the control: without the setting this call goes to Triton
     monkeypatch.setenv("GENSCALE_KERNELS", "eager")
-    meta = torch.empty(2, 4, 3, 3, device="meta")
-    assert not use_triton(meta)
+    assert not use_triton(cuda_like)
 
 
 def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):

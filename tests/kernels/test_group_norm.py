@@ -120,7 +120,10 @@ def test_bf16_activations_with_fp32_parameters(device, poison):
     y, dx, dw, db = run(x, w, b, 2, dy)
     ry, rdx, rdw, rdb = reference(x, w, b, 2, dy)
     assert (y.dtype, dx.dtype, dw.dtype, db.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)
-    assert max(rel_err(y, ry), rel_err(dx, rdx), rel_err(dw, rdw), rel_err(db, rdb)) <= 1e-2
+    assert max(rel_err(y, ry), rel_err(dx, rdx)) <= TOL[torch.bfloat16]
+    # the parameter gradients are fp32 sums of exactly representable bf16 products' inputs:
+    # held to fp32's bound, so an accumulation rounded through bf16 (~1e-3) fails
+    assert max(rel_err(dw, rdw), rel_err(db, rdb)) <= TOL[torch.float32]
 
 
 # Split-path loops that GPU plans reach at U-Net sizes but the tiny `path` settings above do not:
