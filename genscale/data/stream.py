@@ -27,6 +27,7 @@ stops the stream with a UserError naming the sample, raised in the main process.
 from __future__ import annotations
 
 import ctypes
+import multiprocessing.context
 import os
 import random
 import signal
@@ -206,20 +207,49 @@ def _die_with(parent: int) -> None:
         os._exit(0)
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+class _ShieldedProcess(multiprocessing.context.ForkProcess):
+    """A loader worker forked with SIGTERM/SIGINT blocked, so that every thread it ever has blocks
+    them: torch starts a thread in the child at fork (with the default thread count), and a thread
+    started before ``ignore_stop_signals`` runs keeps an open mask, where a signal sent to the whole
+    job landed and torch's worker handler died of it. The trainer's own mask is restored at once;
+    a signal arriving meanwhile stays pending and is delivered then."""
+
+    def start(self) -> None:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class _ShieldedForkContext(multiprocessing.context.ForkContext):
+    Process = _ShieldedProcess
+
+
+def _worker_context() -> multiprocessing.context.BaseContext | None:
+    """Forked shielded workers on Linux; elsewhere the platform's default (macOS spawns: a fork
+    there is unsafe once system frameworks are loaded)."""
+    return _ShieldedForkContext() if sys.platform.startswith("linux") else None
+
+
 def ignore_stop_signals(_worker_id: int) -> None:
     """Loader workers leave SIGTERM/SIGINT to the trainer process, which saves before exiting.
 
     SLURM (scancel, preemption, the time limit) and Ctrl-C signal every process of a job; a
     worker killed that way would crash the trainer before it could save. Only the parent's own
-    SIGTERM (multiprocessing's shutdown of its workers) still ends a worker.
+    SIGTERM (multiprocessing's shutdown of its workers) still ends a worker: one thread waits for
+    the signals, every other thread blocks them (they are forked blocked, see _ShieldedProcess).
     """
     parent = os.getppid()
     _die_with(parent)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
 
     def wait() -> None:
         while True:
-            if signal.sigwaitinfo({signal.SIGTERM, signal.SIGINT}).si_pid == parent:
+            if signal.sigwaitinfo(_STOP_SIGNALS).si_pid == parent:
                 os._exit(0)
 
     threading.Thread(target=wait, daemon=True, name="stop-signals").start()
@@ -260,7 +290,8 @@ def make_loader(shards: ShardSet, *, image_size: int, channels: int, batch_size:
     # behind the step's kernels; from ordinary memory it waits for them (a host-GPU sync per batch).
     loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=num_workers,
                            generator=generator, persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                           worker_init_fn=ignore_stop_signals if num_workers else None)
+                           worker_init_fn=ignore_stop_signals if num_workers else None,
+                           multiprocessing_context=_worker_context() if num_workers else None)
     loader = loader.compose(_raise_user_errors)
     if resampled:
         # On the loader, not the dataset: a dataset's epoch would count per worker.
