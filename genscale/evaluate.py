@@ -39,7 +39,6 @@ if not __package__:
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -93,16 +92,9 @@ def load_samples(path: str) -> tuple[np.ndarray, np.ndarray | None]:
 
 def make_accelerator():
     """One process group for the launch: on a machine without CUDA, N gloo processes."""
-    import torch
-    from accelerate import Accelerator
+    from genscale.launch import new_accelerator
 
-    cpu = not torch.cuda.is_available()
-    acc = Accelerator(cpu=cpu)
-    if cpu and "LOCAL_WORLD_SIZE" in os.environ:
-        # accelerate launch pins OMP_NUM_THREADS=1; share the cores between local processes instead.
-        local = int(os.environ["LOCAL_WORLD_SIZE"])
-        torch.set_num_threads(int(os.environ.get("GENSCALE_THREADS", "0")) or max(1, (os.cpu_count() or 1) // local))
-    return acc
+    return new_accelerator()
 
 
 def _folder_shape(folder: str) -> tuple[int, int, int]:

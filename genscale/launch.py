@@ -25,21 +25,32 @@ def sharded_weights(acc) -> str:
     return ""
 
 
-def make_accelerator(grad_accum: int, out: Path, log_with: str = "") -> Accelerator:
-    """One process group for the launch: on a GPU-less machine N gloo processes (cpu=True)."""
+def new_accelerator(**kwargs) -> Accelerator:
+    """An Accelerator for this process (gloo on a GPU-less machine, whose cores the local processes
+    share); settings accelerate refuses (fp8 without its packages, an unknown precision) are one
+    sentence, not its traceback."""
     cpu = not torch.cuda.is_available()
-    acc = Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum, project_dir=str(out),
-                      log_with=log_with or None)
+    try:
+        acc = Accelerator(cpu=cpu, **kwargs)
+    except (ValueError, ImportError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"accelerate refused this launch's settings: {reason}") from None
+    if cpu:
+        # accelerate launch pins OMP_NUM_THREADS=1; share the cores between local processes instead.
+        threads = int(os.environ.get("GENSCALE_THREADS", "0")) or max(1, (os.cpu_count() or 1) // _local_world())
+        torch.set_num_threads(threads)
+    return acc
+
+
+def make_accelerator(grad_accum: int, out: Path, log_with: str = "") -> Accelerator:
+    """The training launch's process group: one Accelerator per process, whole weights on every rank."""
+    acc = new_accelerator(gradient_accumulation_steps=grad_accum, project_dir=str(out), log_with=log_with or None)
     sharded = sharded_weights(acc)
     if sharded:
         # A deepcopy of a sharded module raises, the grids sample on one rank only and the EMA
         # weights would be saved from rank 0's shards alone: refuse rather than fail later.
         raise UserError(f"{sharded} is not supported yet (the EMA copy and the sample grids need whole weights); "
                         "use DDP, e.g. accelerate_configs/multi_gpu.yaml")
-    if cpu:
-        # accelerate launch pins OMP_NUM_THREADS=1; share the cores between local processes instead.
-        threads = int(os.environ.get("GENSCALE_THREADS", "0")) or max(1, (os.cpu_count() or 1) // _local_world())
-        torch.set_num_threads(threads)
     return acc
 
 
