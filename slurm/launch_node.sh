@@ -14,9 +14,18 @@ set -euo pipefail
 
 gpus_on_node() {
     # SLURM_GPUS_ON_NODE is set when GPUs were allocated (--gpus*, --gres=gpu:N); the others
-    # cover older or differently configured sites. "a100:4" -> 4; "0,1,2" -> 3.
+    # cover older or differently configured sites. "a100:4" -> 4; "a100:2,v100:1" -> 3 (each
+    # entry is [type:]count); "0,1,2" -> 3.
     local n=${SLURM_GPUS_ON_NODE:-}
-    if [[ -z $n && -n ${SLURM_GPUS_PER_NODE:-} ]]; then n=${SLURM_GPUS_PER_NODE##*:}; fi
+    if [[ -z $n && -n ${SLURM_GPUS_PER_NODE:-} ]]; then
+        local entries entry count
+        IFS=, read -ra entries <<< "$SLURM_GPUS_PER_NODE"
+        n=0
+        for entry in "${entries[@]}"; do
+            count=${entry##*:}
+            if [[ $count =~ ^[0-9]+$ ]]; then n=$(( n + 10#$count )); else n=x; break; fi
+        done
+    fi
     if [[ -z $n && -n ${SLURM_JOB_GPUS:-} ]]; then
         local ids
         IFS=, read -ra ids <<< "$SLURM_JOB_GPUS"

@@ -43,6 +43,8 @@ def test_scripts_parse():
 @pytest.mark.parametrize("gpu_env, per_node", [
     ({"SLURM_GPUS_ON_NODE": "4"}, 4),
     ({"SLURM_GPUS_PER_NODE": "a100:2"}, 2),
+    ({"SLURM_GPUS_PER_NODE": "gpu:a100:2,v100:1"}, 3),  # several GPU types: their counts add up
+    ({"SLURM_GPUS_PER_NODE": "4"}, 4),
     ({"SLURM_JOB_GPUS": "0,1,2"}, 3),
 ])
 def test_one_process_per_gpu_across_nodes(gpu_env, per_node):
