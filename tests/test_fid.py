@@ -264,6 +264,10 @@ def test_missing_inception_weights_name_the_file_and_folder(tmp_path, monkeypatc
     message = str(err.value)
     assert "place inception-2015-12-05.pt" in message and f"in {tmp_path / 'weights'}/" in message
     assert len(message.splitlines()) == 1
+    # the judge is offered only for data that has one: for other data its error sent users back here
+    assert "use --features judge" not in message
+    with pytest.raises(UserError, match=r"GENSCALE_INCEPTION_DIR to its folder\), or use --features judge\.$"):
+        build_extractor("inception", "digits")
     samples = tmp_path / "s.npz"
     np.savez(samples, _upsampled_test_digits(4))
     assert evaluate.main(["--samples", str(samples), "--features", "inception", "--metric", "kid"]) == 2

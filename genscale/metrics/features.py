@@ -68,13 +68,17 @@ def inception_dir() -> Path:
     return Path(os.environ.get("GENSCALE_INCEPTION_DIR") or "/tmp")
 
 
-def inception_missing_message(folder: Path, flag: str = "--features") -> str:
+def inception_missing_message(folder: Path, flag: str = "--features", dataset: str | None = None) -> str:
+    """Where to put the weights; the judge is offered only where ``dataset`` has one (otherwise
+    the judge's own error would send the user back here)."""
+    from genscale.metrics.judge import DATASETS
+
+    judge = f", or use {flag} judge" if dataset in DATASETS else ""
     return (f"clean-fid's Inception weights are missing and cannot be downloaded here: place {INCEPTION_FILE} "
-            f"(from {INCEPTION_URL}) in {folder}/ (or set GENSCALE_INCEPTION_DIR to its folder), "
-            f"or use {flag} judge.")
+            f"(from {INCEPTION_URL}) in {folder}/ (or set GENSCALE_INCEPTION_DIR to its folder){judge}.")
 
 
-def ensure_inception_weights(download: bool = True, flag: str = "--features") -> Path:
+def ensure_inception_weights(download: bool = True, flag: str = "--features", dataset: str | None = None) -> Path:
     """The path of the Inception weights, downloading them with clean-fid's helper if absent."""
     folder = inception_dir()
     path = folder / INCEPTION_FILE
@@ -92,13 +96,13 @@ def ensure_inception_weights(download: bool = True, flag: str = "--features") ->
             path.unlink(missing_ok=True)  # never leave a partial download that looks complete
         finally:
             socket.setdefaulttimeout(previous)
-    raise UserError(inception_missing_message(folder, flag))
+    raise UserError(inception_missing_message(folder, flag, dataset))
 
 
-def inception_extractor(device: torch.device, download: bool = True) -> FeatureExtractor:
+def inception_extractor(device: torch.device, download: bool = True, dataset: str | None = None) -> FeatureExtractor:
     from cleanfid.inception_torchscript import InceptionV3W
 
-    path = ensure_inception_weights(download)
+    path = ensure_inception_weights(download, dataset=dataset)
     try:
         net = InceptionV3W(str(path.parent), download=False, resize_inside=False).to(device).eval()
     except Exception as err:  # noqa: BLE001 -- torch.jit.load raises many types on a bad file
@@ -134,7 +138,7 @@ def check_features_available(name: str, dataset: str, flag: str = "--features") 
             raise UserError(f"No judge classifier is defined for the data set {dataset!r} (judges exist for "
                             f"{', '.join(sorted(DATASETS))}); use inception features.")
     else:
-        ensure_inception_weights(download=True, flag=flag)
+        ensure_inception_weights(download=True, flag=flag, dataset=dataset)
 
 
 def build_extractor(name: str, dataset: str, device: torch.device | str = "cpu") -> FeatureExtractor:
@@ -143,7 +147,7 @@ def build_extractor(name: str, dataset: str, device: torch.device | str = "cpu")
     if name == "judge":
         return judge_extractor(dataset, device)
     if name == "inception":
-        return inception_extractor(device)
+        return inception_extractor(device, dataset=dataset)
     raise UserError(f"--features must be one of {', '.join(FEATURES)}, got {name!r}.")
 
 
