@@ -8,7 +8,8 @@ Diffusion runs also take ``--task denoise|img2img|inpaint|anagram|hybrid`` (RePa
 docs/applications.md); a denoiser run takes ``--task denoise`` (its sigma sweep).
 
 ``--out FILE.png`` writes a grid, ``FILE.npz`` the ADM convention (``arr_0`` uint8 N x H x W x C,
-``arr_1`` int labels), a name without a suffix both. The same seed (at the same --batch-size, which sets how the draws are grouped) gives identical output.
+``arr_1`` int labels), a name without a suffix both. The same seed (at the same --batch-size, which sets how the draws are grouped) gives identical output,
+in one process or shared across the processes of ``accelerate launch genscale/sample.py ...``.
 ``--task inpaint`` fills the holes of IMAGES.npz (``arr_0`` uint8 N x H x W x C) under MASKS.npz
 (``arr_0`` uint8 N x H x W, 1 = known, 0 = hole): OUT.npz ``arr_0`` holds the filled images (known
 pixels unchanged bit for bit), OUT.png a grid of masked input | filled pairs.
@@ -25,13 +26,13 @@ if __name__ == "__main__":  # run as a script: import the package, not the files
     quiet_interrupt_while_starting()
 
 import argparse
-import json
 import inspect
+import json
 import math
+import os
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from genscale.applications.tasks import TASKS, add_task_arguments, run_task, task_flags_given
 from genscale.checkpoints import load_ema_weights
@@ -40,6 +41,7 @@ from genscale.config import RunConfig
 from genscale.errors import UserError
 from genscale.families import family_module
 from genscale.families.base import DataInfo, Family
+from genscale.metrics.sharded import SAMPLES, chunk_generator, sharded_rows
 from genscale.run_files import grid_image, save_npz, save_png, to_uint8
 
 
@@ -110,11 +112,18 @@ def check_sampling_options(family: Family, sampling_steps: int | None = None, ba
 
 def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, cfg_scale: float | None = None,
              sampler: str | None = None, sampling_steps: int | None = None, batch_size: int = 250,
-             device: str | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Samples of a run as uint8 N x H x W x C and their int labels (-1 when unconditional)."""
+             device: str | None = None, progress: bool = False, accelerator=None) -> tuple[np.ndarray, np.ndarray]:
+    """Samples of a run as uint8 N x H x W x C and their int labels (-1 when unconditional), on
+    every rank of ``accelerator`` (None: this process alone).
+
+    Batch k holds samples [k * batch_size, (k + 1) * batch_size) and is drawn from a generator
+    seeded by (seed, k) alone (genscale.metrics.sharded): the output depends on the seed and the
+    batch size, not on how many processes share the batches, and equals the samples evaluate.py
+    scores with the same --seed and --chunk-size.
+    """
     if num <= 0:
         raise UserError(f"--num must be positive, got {num}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = accelerator.device if accelerator is not None else device or ("cuda" if torch.cuda.is_available() else "cpu")
     family, info, _ = load_family(run_dir, device)
     check_sampling_options(family, sampling_steps, batch_size, cfg_scale, sampler)
     # The family, not the data, says whether a run is conditional: gan, dcgan and vae train on the
@@ -123,23 +132,24 @@ def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, 
     if classes == 0 and labels == "all":
         labels = None
     label_tensor = parse_labels(labels, num, classes)
-    gen = torch.Generator().manual_seed(seed)
     options = {k: v for k, v in dict(cfg_scale=cfg_scale, sampler=sampler, sampling_steps=sampling_steps).items()
                if v is not None}
-    chunks = []
+    shape = (info.image_size, info.image_size, info.channels)
+    main_rank = accelerator is None or accelerator.is_main_process
     # One batch shows the sampler's own bar (its steps); several show one bar over all the images,
     # not a sampler bar that restarts at zero for each batch (and none at all for GANs and VAEs).
     several = num > batch_size
-    bar = tqdm(total=num, desc="samples", unit="img", disable=not (progress and several), dynamic_ncols=True)
-    for start in range(0, num, batch_size):
-        n = min(batch_size, num - start)
-        lab = None if label_tensor is None else label_tensor[start:start + n].to(device)
-        images = family.sample(n, labels=lab, generator=gen, progress=progress and not several, **options)
-        chunks.append(to_uint8(images))
-        bar.update(n)
-    bar.close()
+
+    def draw(k: int, start: int, stop: int) -> torch.Tensor:
+        lab = None if label_tensor is None else label_tensor[start:stop].to(device)
+        images = family.sample(stop - start, labels=lab, generator=chunk_generator(seed, k, SAMPLES),
+                               progress=progress and not several and main_rank, **options)
+        return torch.from_numpy(to_uint8(images)).reshape(stop - start, -1)
+
+    flat = sharded_rows(num, batch_size, math.prod(shape), draw, accelerator,
+                        desc="samples" if progress and several else "", dtype=torch.uint8)
     out_labels = (label_tensor.numpy() if label_tensor is not None else np.full(num, -1)).astype(np.int64)
-    return np.concatenate(chunks), out_labels
+    return flat.reshape(num, *shape), out_labels
 
 
 def write_outputs(out: str, images: np.ndarray, labels: np.ndarray) -> list[Path]:
@@ -219,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("", exit_code=int(exit_.code or 0)) from None
     if not 0 <= args.seed < 2**63:  # torch's generators overflow past 64 bits (a traceback)
         raise UserError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)  # set by accelerate launch / torchrun
+    if args.task != "sample" and world_size > 1:
+        raise UserError(f"--task {args.task} runs in one process; start it with python, not a launch of "
+                        f"{world_size} processes (plain sampling is the part shared across processes)")
     if args.task != "sample":
         for path in run_task(args):
             print(f"wrote {path}")
@@ -230,10 +244,16 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{', '.join(stray)} go{'es' if len(stray) == 1 else ''} with the tasks (--task ...); "
                         "plain sampling takes --sampler and --sampling-steps")
     output_files(args.out)  # checked before sampling, not after it
+    accelerator = None
+    if world_size > 1:  # the batches are shared across the processes and gathered; rank 0 writes
+        from genscale.launch import new_accelerator
+
+        accelerator = new_accelerator()
     images, labels = generate(args.run, args.num, args.labels, args.seed, args.cfg_scale, args.sampler,
-                              args.sampling_steps, args.batch_size, progress=True)
-    for path in write_outputs(args.out, images, labels):
-        print(f"wrote {path}")
+                              args.sampling_steps, args.batch_size, progress=True, accelerator=accelerator)
+    if accelerator is None or accelerator.is_main_process:
+        for path in write_outputs(args.out, images, labels):
+            print(f"wrote {path}")
     return 0
 
 

@@ -56,8 +56,9 @@ def any_rank(flag: bool, accelerator) -> bool:
 
 
 def sharded_rows(num: int, chunk_size: int, width: int, compute: ChunkFn, accelerator=None,
-                 desc: str = "") -> np.ndarray:
-    """Rows (float64, ``num`` x ``width``) in item order, computed chunk by chunk across ranks.
+                 desc: str = "", dtype: torch.dtype = torch.float64) -> np.ndarray:
+    """Rows (``num`` x ``width`` of ``dtype``: float64 for features, uint8 for images) in item
+    order, computed chunk by chunk across ranks.
 
     ``accelerator`` None means one process. Every rank must call this with the same arguments.
     If ``compute`` raises on some rank, every rank raises (the failing rank its own error).
@@ -67,19 +68,18 @@ def sharded_rows(num: int, chunk_size: int, width: int, compute: ChunkFn, accele
     rank, world = _world(accelerator)
     mine = rank_chunks(num, chunk_size, rank, world)
     per_rank = math.ceil(math.ceil(num / chunk_size) / world)
-    # Column 0 holds the item index (-1 = padding); float64 keeps indices exact to 2^53.
-    rows = torch.full((per_rank * chunk_size, width + 1), float("nan"), dtype=torch.float64)
-    rows[:, 0] = -1
+    index = torch.full((per_rank * chunk_size,), -1, dtype=torch.int64)  # item of each row; -1 = padding
+    rows = torch.zeros((per_rank * chunk_size, width), dtype=dtype)
     error: BaseException | None = None
     bar = tqdm(total=num, desc=desc, disable=not desc or rank != 0, leave=False, dynamic_ncols=True)
     try:
         for j, (k, start, stop) in enumerate(mine):
-            out = compute(k, start, stop).detach().to("cpu", torch.float64)
+            out = compute(k, start, stop).detach().to("cpu", dtype)
             if out.shape != (stop - start, width):
                 raise RuntimeError(f"chunk {k} gave rows of shape {tuple(out.shape)}, expected {(stop - start, width)}")
             at = j * chunk_size
-            rows[at:at + stop - start, 0] = torch.arange(start, stop, dtype=torch.float64)
-            rows[at:at + stop - start, 1:] = out
+            index[at:at + stop - start] = torch.arange(start, stop)
+            rows[at:at + stop - start] = out
             bar.update((stop - start) * world)
     except Exception as err:  # noqa: BLE001 -- re-raised below once every rank knows
         error = err
@@ -88,14 +88,16 @@ def sharded_rows(num: int, chunk_size: int, width: int, compute: ChunkFn, accele
     if any_rank(error is not None, accelerator):
         if error is not None:
             raise error
-        raise UserError("the evaluation failed on another process (its error is printed above).", exit_code=1)
+        raise UserError("another process failed (its error is printed above).", exit_code=1)
     if world > 1:
+        index = accelerator.gather(index.to(accelerator.device)).cpu()
         rows = accelerator.gather(rows.to(accelerator.device)).cpu()
-    rows = rows[rows[:, 0] >= 0]
-    rows = rows[torch.argsort(rows[:, 0])]
-    if not torch.equal(rows[:, 0], torch.arange(num, dtype=torch.float64)):
+    keep = index >= 0
+    index, rows = index[keep], rows[keep]
+    order = torch.argsort(index)
+    if not torch.equal(index[order], torch.arange(num)):
         raise RuntimeError("gathered rows do not cover every item exactly once")
-    return rows[:, 1:].numpy()
+    return rows[order].numpy()
 
 
 def gather_objects(items: list, accelerator=None) -> list:
