@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, NoReturn
 
@@ -23,7 +24,13 @@ class ArgumentParser(argparse.ArgumentParser):
 def check_output_path(path: str | Path, flag: str, folder: bool = False) -> None:
     """Raise UserError unless ``path`` (a file, or a folder when ``folder``) can be created or
     overwritten: checked before the work, so that hours of sampling are not lost at the end."""
-    p = Path(path)
+    try:
+        _check_output_path(Path(path), flag, folder)
+    except OSError as err:  # a name too long for the file system, a loop of links, ...
+        raise UserError(f"{flag} {path} cannot be written ({err.strerror or err})") from None
+
+
+def _check_output_path(p: Path, flag: str, folder: bool) -> None:
     if folder and p.exists() and not p.is_dir():
         raise UserError(f"{flag} {p} is a file, not a folder; choose another {flag}")
     if not folder and p.is_dir():
@@ -48,19 +55,37 @@ def make_folder(path: str | Path, flag: str, given: str | None = None) -> None:
         raise UserError(f"{what} cannot be created ({err.strerror or err})", exit_code=1) from None
 
 
+def output_file(out: str, flag: str) -> Path:
+    """The file ``out`` names, checked before the work: a file name (not empty, not a folder),
+    writable where it lies (its folder is made, and a file is created there and removed: /proc
+    and /sys look writable to root but take no new file)."""
+    path = Path(out)
+    if not out or out.endswith(("/", os.sep)) or path.name in ("", ".", ".."):
+        raise UserError(f"{flag} must name a file, got {out!r}")
+    check_output_path(path, flag)
+    make_folder(path.parent, flag, out)
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".genscale-write-check-"):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {out} cannot be written: {path.parent} takes no new file "
+                        f"({err.strerror or err})", exit_code=1) from None
+    return path
+
+
 def output_files(out: str, flag: str = "--out") -> dict[str, Path]:
     """The files an image output ``out`` names, by kind (".png" a grid, ".npz" the arrays): both
     for a name without a suffix, else the one its suffix names in any case (``x.PNG`` is written
-    as ``x.PNG``). UserError for another suffix or a file that cannot be written; their folder is
-    made here, so that both are found before the work."""
+    as ``x.PNG``). UserError for another suffix or a file that cannot be written (output_file),
+    so that both are found before the work."""
     path = Path(out)
     kind = path.suffix.lower()
     if kind not in ("", ".png", ".npz") or path.name.endswith("."):  # "x.png." has no suffix: x.png..png
         raise UserError(f"{flag} must end in .png or .npz (or have no suffix for both), got {out}")
+    output_file(out, flag)  # the name itself: not "", "dir/" or a folder (DIR.png would land beside it)
     files = {kind: path} if kind else {k: path.with_suffix(k) for k in (".png", ".npz")}
     for file in files.values():
         check_output_path(file, flag)
-    make_folder(path.parent, flag, out)
     return files
 
 

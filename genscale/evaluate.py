@@ -42,7 +42,7 @@ import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from genscale.cli import ArgumentParser, check_output_path  # noqa: E402
+from genscale.cli import ArgumentParser, output_file  # noqa: E402
 from genscale.errors import UserError  # noqa: E402
 from genscale.metrics.evaluation import DEFAULT_CHUNK, METRICS  # noqa: E402
 from genscale.metrics.features import FEATURES  # noqa: E402
@@ -316,16 +316,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.json:  # before the evaluation, which can take hours, not after it
-            check_output_path(args.json, "--json")
+        if args.json is not None:  # before the evaluation, which can take hours, not after it
+            output_file(args.json, "--json")
         acc = make_accelerator()
         result = evaluate(args, acc)
         if acc.is_main_process:
             for line in describe(result):
                 print(line)
-            if args.json:
+            if args.json is not None:
                 try:
-                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
                 except OSError as err:
                     raise UserError(f"Cannot write {args.json}: {err.strerror}.") from None
