@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -112,4 +113,24 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except (MemoryError, RuntimeError) as err:
+        reason = out_of_memory(err)
+        if reason is None:
+            raise
+        print(f"error: out of memory ({reason}); use a smaller --batch-size (or --num)", file=sys.stderr)
+        sys.exit(1)
     sys.exit(code or 0)
+
+
+def out_of_memory(err: BaseException) -> str | None:
+    """What ran out, for an allocation failure (torch raises a RuntimeError on the CPU and its
+    RuntimeError subclass OutOfMemoryError on a GPU); None for any other error."""
+    if isinstance(err, MemoryError):
+        return "the host's memory"
+    text = str(err)
+    if "CUDA out of memory" in text or type(err).__name__ == "OutOfMemoryError":
+        return "the GPU's memory"
+    asked = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", text)
+    if asked:
+        return f"{int(asked.group(1)) / 2**30:.1f} GiB asked for at once"
+    return None

@@ -99,16 +99,15 @@ def make_accelerator():
 
 def _folder_shape(folder: str) -> tuple[int, int, int]:
     """(H, W, C) of the first image of a folder, C as the data pipeline would read it."""
-    from PIL import Image
-
+    from genscale.data.transforms import decode_image, image_channels
     from genscale.metrics.features import list_image_files
 
     first = list_image_files(folder)[0]
     try:
-        with Image.open(first) as img:
-            return img.height, img.width, 1 if img.mode in ("L", "LA", "I", "I;16", "F", "1") else 3
+        img = decode_image(Path(first).read_bytes())  # a grey palette PNG is grey, as in training
     except OSError as err:  # PIL's UnidentifiedImageError is one
         raise UserError(f"{first} cannot be read as an image ({type(err).__name__}).") from None
+    return img.height, img.width, image_channels(img)
 
 
 def _run_record(run: str) -> dict:
@@ -126,7 +125,7 @@ def _run_record(run: str) -> dict:
 
 def evaluate(args: argparse.Namespace, acc) -> dict:
     """Compute ``args.metric``; every rank returns the same dict."""
-    from genscale.metrics.evaluation import (EvalSetup, Evaluator, array_images, family_images,
+    from genscale.metrics.evaluation import (EvalSetup, Evaluator, array_images, family_images, folder_images,
                                              needs_input_images)
 
     family = labels = images = None
@@ -183,6 +182,9 @@ def evaluate(args: argparse.Namespace, acc) -> dict:
         if family is not None and labels is None:
             raise UserError(f"The accuracy metric needs a class-conditional run; {args.run} draws samples "
                             "without labels.")
+        if images is None and family is None:
+            raise UserError("The accuracy metric needs the intended class of every sample: give an .npz with "
+                            "its labels (arr_1), not a folder of images.")
         if labels is None or (np.asarray(labels) < 0).any():
             raise UserError("The accuracy metric needs the intended class of every sample (arr_1).")
         source = family_images(family, labels, args.seed, opts) if family is not None else array_images(images)
@@ -191,7 +193,15 @@ def evaluate(args: argparse.Namespace, acc) -> dict:
         if family is not None and needs_input_images(family, info):
             raise UserError(f"--metric classes needs a run that generates from noise; {family.name} "
                             "transforms input images.")
-        source = family_images(family, labels, args.seed, opts) if family is not None else array_images(images)
+        if family is not None:
+            source = family_images(family, labels, args.seed, opts)
+        elif images is not None:
+            source = array_images(images)
+        else:
+            from genscale.metrics.features import list_image_files
+
+            files = list_image_files(args.samples)[:args.num]  # --num: the first N (None: all)
+            source, num = folder_images(files), len(files)
         result = ev.classes(source, num, desc)
     elif args.metric == "translation":
         if family is None or not hasattr(family, "translate"):
@@ -306,6 +316,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.num = DEFAULT_NUM
     if args.chunk_size <= 0:
         parser.error("--chunk-size must be positive")
+    if not 0 <= args.seed < 2**63:  # as sample.py: the seed feeds 64-bit generators
+        parser.error(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     if args.min_accuracy is not None and args.metric != "accuracy":
         parser.error("--min-accuracy applies to --metric accuracy only")
     if args.sampling_steps is not None and args.sampling_steps <= 0:

@@ -49,9 +49,9 @@ def load_family(run_dir: str | Path, device: str | torch.device = "cpu") -> tupl
     """Rebuild a run's family from config.json with its latest EMA weights."""
     path = Path(run_dir) / "config.json"
     if not Path(run_dir).exists():
-        raise UserError(f"--run {run_dir} does not exist", exit_code=1)
+        raise UserError(f"--run {run_dir} does not exist")  # bad input: exit 2, as evaluate.py
     if not path.is_file():
-        raise UserError(f"{run_dir} is not a genscale run (no config.json)", exit_code=1)
+        raise UserError(f"{run_dir} is not a genscale run (no config.json)")
     try:
         record = json.loads(path.read_text())
         run = RunConfig.from_dict(record)
@@ -121,8 +121,8 @@ def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, 
     batch size, not on how many processes share the batches, and equals the samples evaluate.py
     scores with the same --seed and --chunk-size.
     """
-    if num <= 0:
-        raise UserError(f"--num must be positive, got {num}")
+    if not 0 < num < 2**31:
+        raise UserError(f"--num must be between 1 and 2**31 - 1, got {num}")
     device = accelerator.device if accelerator is not None else device or ("cuda" if torch.cuda.is_available() else "cpu")
     family, info, _ = load_family(run_dir, device)
     check_sampling_options(family, sampling_steps, batch_size, cfg_scale, sampler)
@@ -135,6 +135,7 @@ def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, 
     options = {k: v for k, v in dict(cfg_scale=cfg_scale, sampler=sampler, sampling_steps=sampling_steps).items()
                if v is not None}
     shape = (info.image_size, info.image_size, info.channels)
+    check_memory(num, shape, 1 if accelerator is None else int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     main_rank = accelerator is None or accelerator.is_main_process
     # One batch shows the sampler's own bar (its steps); several show one bar over all the images,
     # not a sampler bar that restarts at zero for each batch (and none at all for GANs and VAEs).
@@ -150,6 +151,31 @@ def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, 
                         desc="samples" if progress and several else "", dtype=torch.uint8)
     out_labels = (label_tensor.numpy() if label_tensor is not None else np.full(num, -1)).astype(np.int64)
     return flat.reshape(num, *shape), out_labels
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(num: int, shape: tuple[int, int, int], processes: int) -> None:
+    """Refuse before sampling when the samples cannot be held: the buffer is allocated lazily and
+    filled as batches finish, so the OOM killer would otherwise end the job hours in, losing it all.
+    Each of this machine's ``processes`` holds every sample once gathered (and its own share
+    before): ~2 copies each."""
+    per_process = num * (math.prod(shape) + 8) * (2 if processes > 1 else 1)
+    need, available = per_process * processes, available_memory()
+    if available is not None and need > available:
+        raise UserError(f"--num {num} samples of {shape[0]} x {shape[1]} x {shape[2]} need about "
+                        f"{need / 2**30:.1f} GiB of memory, more than the {available / 2**30:.1f} GiB available; "
+                        "draw fewer at a time (e.g. several runs with different --seed values)")
 
 
 def write_outputs(out: str, images: np.ndarray, labels: np.ndarray) -> list[Path]:

@@ -89,10 +89,10 @@ def test_config_file_values_and_precedence(tmp_path):
 
 def test_sample_errors(tmp_path):
     assert_clean_error(run_script("sample.py", "--run", str(tmp_path / "none"), "--out", str(tmp_path / "x.png")),
-                       1, "does not exist")  # a missing folder is named as such (689bc22)
+                       2, "does not exist")  # a missing folder is named as such (689bc22); bad input: 2
     (tmp_path / "plain").mkdir()
     assert_clean_error(run_script("sample.py", "--run", str(tmp_path / "plain"), "--out", str(tmp_path / "x.png")),
-                       1, "not a genscale run")
+                       2, "not a genscale run")
     run = tmp_path / "run"
     (run / "checkpoints" / "step-00000010").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({

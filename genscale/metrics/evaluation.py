@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -75,6 +76,29 @@ def noise_images(height: int, width: int, channels: int, seed: int) -> ImagesFn:
 
 def array_images(images: np.ndarray) -> ImagesFn:
     return lambda k, start, stop: images[start:stop]
+
+
+def folder_images(files: list[str]) -> ImagesFn:
+    """Chunks of image files decoded as the data pipeline reads them (grey "L" or "RGB",
+    transparency onto white) into uint8 N x H x W x C; all files must share one size."""
+    from genscale.data.transforms import decode_image, image_channels
+
+    def read(k: int, start: int, stop: int) -> np.ndarray:
+        arrays = []
+        for name in files[start:stop]:
+            try:
+                img = decode_image(Path(name).read_bytes())
+            except OSError as err:  # PIL's UnidentifiedImageError is one
+                raise UserError(f"{name} cannot be read as an image ({type(err).__name__}).") from None
+            arr = np.asarray(img, np.uint8).reshape(img.height, img.width, image_channels(img))
+            if arrays and arr.shape != arrays[0].shape:
+                raise UserError(f"{name} is {arr.shape[1]} x {arr.shape[0]} x {arr.shape[2]}, unlike "
+                                f"{files[start]} ({arrays[0].shape[1]} x {arrays[0].shape[0]} x "
+                                f"{arrays[0].shape[2]}): the images of a folder must share one size.")
+            arrays.append(arr)
+        return np.stack(arrays)
+
+    return read
 
 
 @dataclass

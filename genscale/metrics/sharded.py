@@ -65,6 +65,7 @@ def sharded_rows(num: int, chunk_size: int, width: int, compute: ChunkFn, accele
     """
     if num < 1 or chunk_size < 1:
         raise UserError(f"need at least one item and a positive chunk size, got {num} and {chunk_size}.")
+    chunk_size = min(chunk_size, num)  # the same chunks (one, when larger), without a buffer of chunk_size rows
     rank, world = _world(accelerator)
     mine = rank_chunks(num, chunk_size, rank, world)
     per_rank = math.ceil(math.ceil(num / chunk_size) / world)
@@ -80,7 +81,9 @@ def sharded_rows(num: int, chunk_size: int, width: int, compute: ChunkFn, accele
             at = j * chunk_size
             index[at:at + stop - start] = torch.arange(start, stop)
             rows[at:at + stop - start] = out
-            bar.update((stop - start) * world)
+            # rank 0's bar counts the round its chunk belongs to: chunks k .. k + world - 1, the last
+            # round possibly short (world times its own chunk overshot the total)
+            bar.update(min(num, (k + world) * chunk_size) - k * chunk_size)
     except Exception as err:  # noqa: BLE001 -- re-raised below once every rank knows
         error = err
     finally:
@@ -89,9 +92,12 @@ def sharded_rows(num: int, chunk_size: int, width: int, compute: ChunkFn, accele
         if error is not None:
             raise error
         raise UserError("another process failed (its error is printed above).", exit_code=1)
-    if world > 1:
-        index = accelerator.gather(index.to(accelerator.device)).cpu()
-        rows = accelerator.gather(rows.to(accelerator.device)).cpu()
+    if world == 1:  # the chunks lie in order from row 0: no copy (sample.py's images can be GBs)
+        if not torch.equal(index[:num], torch.arange(num)):
+            raise RuntimeError("the rows do not cover every item exactly once")
+        return rows[:num].numpy()
+    index = accelerator.gather(index.to(accelerator.device)).cpu()
+    rows = accelerator.gather(rows.to(accelerator.device)).cpu()
     keep = index >= 0
     index, rows = index[keep], rows[keep]
     order = torch.argsort(index)
