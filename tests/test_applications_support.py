@@ -26,11 +26,11 @@ def tiny_ddpm(timesteps: int = 20, seed: int = 0):
     return family
 
 
-def write_run(folder: Path, family, model: str, options) -> Path:
+def write_run(folder: Path, family, model: str, options, info: DataInfo = INFO) -> Path:
     """A run folder sample.py can load: config.json and one checkpoint holding the EMA weights."""
     folder.mkdir(parents=True, exist_ok=True)
     record = RunConfig(TrainConfig(model=model, data="digits", image_size=8), options).to_dict()
-    record["data_info"] = dataclasses.asdict(INFO)
+    record["data_info"] = dataclasses.asdict(info)
     (folder / "config.json").write_text(json.dumps(record))
     ckpt = folder / "checkpoints" / "step-00000001"
     ckpt.mkdir(parents=True)
@@ -39,12 +39,13 @@ def write_run(folder: Path, family, model: str, options) -> Path:
     return folder
 
 
-def tiny_run(folder: Path, model: str = "ddpm", **options) -> Path:
+def tiny_run(folder: Path, model: str = "ddpm", info: DataInfo = INFO, **options) -> Path:
+    """A tiny untrained run of ``model``; ``info`` DataInfo("digits", 1, 8, 0) makes it unconditional."""
     module = family_module(model)
     opts = module.Options(**options)
     if model == "ddpm":
         opts = module.Options(**{**dict(timesteps=20, base_width=8, channel_mults=(1,), num_res_blocks=1,
                                         attention_res=()), **options})
     torch.manual_seed(0)
-    family = module.FAMILY(TrainConfig(model=model), opts, INFO)
-    return write_run(folder, family, model, opts)
+    family = module.FAMILY(TrainConfig(model=model), opts, info)
+    return write_run(folder, family, model, opts, info)

@@ -25,7 +25,8 @@ def anagram_eps(dm: DiffusionModel, views: list[View], classes: list[int], cfg_s
 
 @torch.no_grad()
 def anagram(dm: DiffusionModel, n: int, views: list[View], classes: list[int], *, cfg_scale: float = 3.0,
-            steps: int = 50, eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+            steps: int = 50, eta: float = 0.0, generator: torch.Generator | None = None,
+            progress: bool = False) -> torch.Tensor:
     """``n`` anagram images (N x C x H x W in [-1, 1]); view i of each reads as classes[i]."""
     dm.require_pixels("anagram")
     if dm.num_classes == 0:
@@ -38,5 +39,5 @@ def anagram(dm: DiffusionModel, n: int, views: list[View], classes: list[int], *
     dm.labels(torch.tensor(classes), len(classes))  # range check
     x = randn(shape, generator, dm.device)
     x, _ = dm.reverse(x, strided_timesteps(dm.timesteps, steps), anagram_eps(dm, views, classes, cfg_scale),
-                      eta=eta, generator=generator)
+                      eta=eta, generator=generator, progress=progress)
     return x.clamp(-1, 1)

@@ -32,10 +32,20 @@ class DenoiseResult:
         return {name: pooled_psnr(getattr(self, name), self.clean) for name in ("noisy", "blur", "one_step", "iterative")}
 
 
+def squared_error(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """The sum of squared differences over every value, in float64 (batches add up to the whole set)."""
+    return float((pred.double().cpu() - target.double().cpu()).square().sum())
+
+
+def psnr_from_sse(sse: float, count: int) -> float:
+    """10 log10(2^2 / MSE) for images in [-1, 1], MSE = ``sse`` / ``count`` values."""
+    mse = sse / count
+    return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
 def pooled_psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     """10 log10(2^2 / MSE) with the MSE over every value of every image, in float64."""
-    mse = float((pred.double().cpu() - target.double().cpu()).square().mean())
-    return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
+    return psnr_from_sse(squared_error(pred, target), target.numel())
 
 
 def one_step_x0(dm: DiffusionModel, x_t: torch.Tensor, t: int, labels: torch.Tensor | None,
@@ -47,19 +57,20 @@ def one_step_x0(dm: DiffusionModel, x_t: torch.Tensor, t: int, labels: torch.Ten
 @torch.no_grad()
 def denoise(dm: DiffusionModel, images: torch.Tensor, t: int, *, steps: int = 20, blur_sigma: float = 1.0,
             labels: torch.Tensor | None = None, cfg_scale: float = 1.0, eta: float = 0.0,
-            generator: torch.Generator | None = None, keep: int = 3) -> DenoiseResult:
+            generator: torch.Generator | None = None, keep: int = 3,
+            progress: bool = False) -> DenoiseResult:
     """Noise ``images`` (N x C x H x W in [-1, 1]) to ``t`` and denoise them as (a), (b), (c)."""
     if not 0 <= t < dm.timesteps:
         raise UserError(f"--t must be a timestep between 0 and {dm.timesteps - 1}, got {t}")
-    if not 1 <= steps:
-        raise UserError(f"--steps must be at least 1, got {steps}")
+    if not 1 <= steps <= t + 1:  # more steps than timesteps from t down to 0 cannot be taken
+        raise UserError(f"--steps must be between 1 and {t + 1} (the timesteps from --t {t} down to 0), got {steps}")
     clean = images.to(dm.device, torch.float32)
     z0 = dm.encode(clean, generator)
     z_t = dm.q_sample(z0, t, randn(z0.shape, generator, dm.device))
     noisy = dm.decode(z_t / dm.abar(t).sqrt().to(z_t.dtype)) if dm.latent else z_t / dm.abar(t).sqrt().float()
     blur = lowpass(noisy, blur_sigma).clamp(-1, 1)
     one = dm.decode(one_step_x0(dm, z_t, t, labels, cfg_scale))
-    timesteps = strided_timesteps(t + 1, min(steps, t + 1))  # from t down to 0
+    timesteps = strided_timesteps(t + 1, steps)  # from t down to 0
     z, trace = dm.reverse(z_t, timesteps, guided_eps_fn(dm, labels, cfg_scale), eta=eta, generator=generator,
-                          keep=keep)
+                          keep=keep, progress=progress)
     return DenoiseResult(clean, noisy.clamp(-1, 1), blur, one, dm.decode(z), [dm.decode(s) for s in trace])

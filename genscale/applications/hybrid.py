@@ -25,7 +25,7 @@ def hybrid_eps(dm: DiffusionModel, low_class: int, high_class: int, sigma: float
 @torch.no_grad()
 def hybrid(dm: DiffusionModel, n: int, low_class: int, high_class: int, *, sigma: float = 1.0,
            cfg_scale: float = 3.0, steps: int = 50, eta: float = 0.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
     """``n`` hybrid images (N x C x H x W in [-1, 1])."""
     dm.require_pixels("hybrid")
     if dm.num_classes == 0:
@@ -35,5 +35,5 @@ def hybrid(dm: DiffusionModel, n: int, low_class: int, high_class: int, *, sigma
     x = randn((n, *dm.family.shape), generator, dm.device)
     x, _ = dm.reverse(x, strided_timesteps(dm.timesteps, steps), hybrid_eps(dm, low_class, high_class, sigma,
                                                                               cfg_scale),
-                      eta=eta, generator=generator)
+                      eta=eta, generator=generator, progress=progress)
     return x.clamp(-1, 1)

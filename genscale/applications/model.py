@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from genscale.diffusion.guidance import guided_prediction
 from genscale.diffusion.samplers import ddim_step, eps_from_prediction, randn
@@ -18,6 +19,11 @@ from genscale.errors import UserError
 
 DIFFUSION_FAMILIES = ("ddpm", "ldm")
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+class NonFiniteError(UserError):
+    """The guided prediction overflowed (an absurd --cfg-scale): every later step would turn the
+    images into NaN or clip them to black, so the task stops before anything is written."""
 
 
 class DiffusionModel:
@@ -75,7 +81,11 @@ class DiffusionModel:
         """eps_hat(x_t, t) with classifier-free guidance toward ``labels`` (None: unconditional)."""
         t_batch = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
         pred = guided_prediction(self.net, x, t_batch, labels, self.num_classes, cfg_scale).to(x.dtype)
-        return eps_from_prediction(self.schedule, x, t_batch, pred, self.prediction)
+        eps = eps_from_prediction(self.schedule, x, t_batch, pred, self.prediction)
+        if not bool(torch.isfinite(eps).all()):
+            raise NonFiniteError(f"the model's guided noise prediction at timestep {t} is NaN or infinite "
+                                 f"(guidance scale {cfg_scale:g}); nothing was written")
+        return eps
 
     def abar(self, t: int) -> torch.Tensor:
         """abar_t as a float64 0-d tensor; t = -1 means clean data (abar = 1)."""
@@ -96,14 +106,16 @@ class DiffusionModel:
 
     @torch.no_grad()
     def reverse(self, x: torch.Tensor, timesteps: list[int], eps_fn: EpsFn, *, eta: float = 0.0,
-                generator: torch.Generator | None = None, keep: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                generator: torch.Generator | None = None, keep: int = 0,
+                progress: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Step x from timesteps[0] down through ``timesteps`` to clean data; returns (x0, trace).
 
-        ``trace`` holds ``keep`` intermediate states, evenly spaced over the steps (for grids).
+        ``trace`` holds ``keep`` intermediate states, evenly spaced over the steps (for grids);
+        ``progress`` shows a bar over the steps.
         """
         marks = {round(i * len(timesteps) / (keep + 1)) for i in range(1, keep + 1)} if keep else set()
         trace = []
-        for i, t in enumerate(timesteps):
+        for i, t in enumerate(tqdm(timesteps, desc="steps", disable=not progress, leave=False, dynamic_ncols=True)):
             t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             eps = eps_fn(x, t)
             noise = randn(x.shape, generator, x.device) if eta > 0 and t_next >= 0 else None

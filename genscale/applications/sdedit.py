@@ -40,8 +40,11 @@ def parse_levels(spec: str) -> list[float]:
 @torch.no_grad()
 def sdedit(dm: DiffusionModel, images: torch.Tensor, levels: list[float], *, labels: torch.Tensor | None = None,
            cfg_scale: float = 1.0, steps: int = 50, eta: float = 0.0,
-           generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """One batch of edited images per level (images N x C x H x W in [-1, 1])."""
+           generator: torch.Generator | None = None, progress: bool = False) -> list[torch.Tensor]:
+    """One batch of edited images per level (images N x C x H x W in [-1, 1]); ``steps`` (at most T)
+    spread over the whole range; ``progress`` shows a bar over each level's steps."""
+    if not 1 <= steps <= dm.timesteps:
+        raise UserError(f"--steps must be between 1 and {dm.timesteps}, got {steps}")
     guide = images.to(dm.device, torch.float32)
     z0 = dm.encode(guide, generator)
     noise = randn(z0.shape, generator, dm.device)
@@ -54,7 +57,7 @@ def sdedit(dm: DiffusionModel, images: torch.Tensor, levels: list[float], *, lab
             continue
         n_steps = min(t0 + 1, max(1, math.ceil(steps * (t0 + 1) / dm.timesteps)))
         z, _ = dm.reverse(dm.q_sample(z0, t0, noise), strided_timesteps(t0 + 1, n_steps), eps_fn, eta=eta,
-                          generator=generator)
+                          generator=generator, progress=progress)
         out.append(dm.decode(z))
     return out
 
