@@ -34,7 +34,8 @@ import os
 import numpy as np
 import torch
 
-from genscale.applications.tasks import TASKS, add_task_arguments, run_task, task_flags_given
+from genscale.applications.task_args import TASKS, add_task_arguments, task_flags_given
+from genscale.applications.tasks import run_task
 from genscale.checkpoints import load_ema_weights
 from genscale.cli import ArgumentParser, output_files, run_main
 from genscale.config import RunConfig
@@ -215,6 +216,10 @@ def inpaint_task(run_dir: str, images_path: str, masks_path: str, out: str, seed
     if given and not is_diffusion(family):  # RePaint's settings: an inpainting network would ignore them
         raise UserError(f"{' and '.join(given)} apply to RePaint on diffusion runs; this run's network "
                         f"({family.name}) fills holes without them")
+    if images.shape[1:3] == (info.image_size, info.image_size):  # colour <-> grey, as the other tasks convert
+        from genscale.applications.inputs import fit_channels
+
+        images = fit_channels(images, info.channels, f"--input {images_path}")  # the grid shows these
     filled = run_inpainting(family, images, masks, info.image_size, info.channels, seed, batch_size, options)
     written = []
     if ".png" in files:
@@ -236,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", choices=["sample", *TASKS], default="sample",
                         help="sample (default); inpaint (with --input and --mask); denoise, img2img, anagram, "
                              "hybrid on diffusion runs")
-    parser.add_argument("--input", help="IMAGES.npz (arr_0 uint8 N x H x W x C) or IMAGE.png; denoise and "
-                                        "img2img default to the first --num held-out images")
-    parser.add_argument("--mask", help="--task inpaint: MASKS.npz, arr_0 uint8 N x H x W, 1 = known, 0 = hole")
+    parser.add_argument("--input", help="IMAGES.npz (arr_0 uint8 N x H x W x C) or one image (.png, .jpg, .jpeg, "
+                                        ".webp); denoise and img2img default to the first --num held-out images")
+    parser.add_argument("--mask", help="--task inpaint: MASKS.npz (arr_0 uint8 N x H x W, 1 = known, 0 = hole) or "
+                                       "one black-and-white image (white = known) for every input image")
     parser.add_argument("--num", type=int, default=64, help="number of samples")
     parser.add_argument("--labels", default=None, help="'all', one class '3', or a list '0,1,2'")
     parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")

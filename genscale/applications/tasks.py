@@ -1,16 +1,11 @@
-"""The command-line side of ``sample.py --task denoise|img2img|inpaint|anagram|hybrid``.
-
-``add_task_arguments`` adds the applications' flags to sample.py's parser and ``run_task``
-runs one task from the parsed arguments; every problem with the input is a UserError.
+"""``sample.py --task denoise|img2img|inpaint|anagram|hybrid``: ``run_task`` runs one task from
+sample.py's parsed arguments (the flags themselves: task_args.py), drawing in batches of
+--batch-size with one progress bar; every problem with the input is a UserError.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import math
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,75 +13,12 @@ import torch
 from tqdm.auto import tqdm
 
 from genscale.applications.inputs import columns_grid, load_images, to_tensor, write_task_outputs
+from genscale.applications.task_args import (ANAGRAM_LABELS, HYBRID_LABELS, check_task_numbers, default_or_given,
+                                           labels_for, num_given, or_default, parse_floats, refuse_unused_flags)
 from genscale.cli import output_files
 from genscale.errors import UserError
 from genscale.metrics.sharded import chunk_generator
 from genscale.run_files import to_uint8
-
-TASKS = ("denoise", "img2img", "inpaint", "anagram", "hybrid")
-# Defaults checked on the default ddpm preset's run (docs/applications.md has the numbers).
-ANAGRAM_LABELS, HYBRID_LABELS = "6,9", "3,9"
-
-
-def add_task_arguments(parser: argparse.ArgumentParser) -> None:
-    if parser.get_default("num") is not None:  # sample.py's: tells a --num given from the default
-        parser.set_defaults(num_default=parser.get_default("num"))
-    g = parser.add_argument_group("applications (diffusion runs; see docs/applications.md)")
-    g.add_argument("--t", type=int, default=None, help="denoise: the timestep to noise to (default T/2)")
-    g.add_argument("--steps", type=int, default=None,
-                   help="reverse steps: denoise's iterative steps from t (20, at most t + 1), or the strided "
-                        "steps over all T of img2img/anagram/hybrid (50) and inpaint (RePaint, 100), at most T")
-    g.add_argument("--blur-sigma", type=float, default=1.0, help="denoise: sigma of the Gaussian-blur baseline")
-    g.add_argument("--levels", default="0.2,0.4,0.6,0.8", help="img2img: noise levels as fractions of T")
-    g.add_argument("--jump-length", type=int, default=10, help="inpaint (RePaint): positions per resampling jump")
-    g.add_argument("--jump-count", type=int, default=10,
-                   help="inpaint (RePaint): passes through each jump (1 = no resampling)")
-    g.add_argument("--views", default="identity,rot180", help="anagram: one view per class (identity, vflip, "
-                                                               "rot180, rot90)")
-    g.add_argument("--sigma", type=float, default=1.0, help="hybrid: Gaussian sigma of the low/high split")
-    g.add_argument("--view-sigma", type=float, default=1.5, help="hybrid: sigma of the blurred view in the grid")
-    g.add_argument("--eta", type=float, default=0.0,
-                   help="denoise, img2img, anagram, hybrid: between 0 (deterministic DDIM steps) and 1 (ancestral); "
-                        "RePaint always takes ancestral steps")
-    g.add_argument("--sigmas", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0",
-                   help="denoise on a denoiser run: the noise levels of the sweep (non-negative)")
-
-
-def _class_list(spec: str, count: int, num_classes: int, flag: str = "--labels") -> list[int]:
-    try:
-        classes = [int(v) for v in spec.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} must be comma-separated class numbers, got {spec!r}") from None
-    if len(classes) != count or any(not 0 <= c < num_classes for c in classes):
-        raise UserError(f"{flag} must name {count} classes between 0 and {num_classes - 1}, got {spec!r}")
-    return classes
-
-
-def _default_or_given(spec: str | None, default: str, count: int, num_classes: int, task: str) -> list[int]:
-    """The classes of --labels, or the task's digits default when it fits this run; when it does
-    not, the message asks for --labels instead of blaming a flag the user never gave."""
-    if spec:
-        return _class_list(spec, count, max(num_classes, 1))
-    fits = len(default.split(",")) == count and all(int(c) < num_classes for c in default.split(","))
-    if not fits:
-        raise UserError(f"--task {task} needs --labels with {count} classes between 0 and {num_classes - 1} "
-                        f"(its default {default} is for the digits' 10 classes)")
-    return _class_list(default, count, num_classes)
-
-
-def _labels(dm, spec: str | None, n: int) -> torch.Tensor | None:
-    """One label per image (sample.py's --labels), or None for the unconditional model; an
-    unconditional run refuses --labels in plain sampling's words instead of ignoring it."""
-    from genscale.sample import parse_labels
-
-    if spec in (None, ""):
-        return None
-    return parse_labels(spec, n, dm.num_classes)
-
-
-def _or(value: int | None, default: int) -> int:
-    """A flag's value, or the task's default when the flag was not given (0 is a value, not unset)."""
-    return default if value is None else value
 
 
 def run_task(args: argparse.Namespace) -> list[Path]:
@@ -104,7 +36,7 @@ def run_task(args: argparse.Namespace) -> list[Path]:
         return _inpaint(args)
     if args.mask:
         raise UserError("--mask goes with --task inpaint")
-    if args.input and _num_given(args):  # every image of the file is used: a --num would be ignored
+    if args.input and num_given(args):  # every image of the file is used: a --num would be ignored
         raise UserError(f"--num cannot be used with --input (every image of {args.input} is used)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     family, info, _ = load_family(args.run, device)
@@ -129,29 +61,6 @@ def run_task(args: argparse.Namespace) -> list[Path]:
                         f"{args.eta:g}; use smaller values (nothing was written)") from None
 
 
-# The applications' flags each task reads; any other one given is refused, not silently ignored.
-TASK_FLAGS = {
-    "denoise": ("--t", "--steps", "--blur-sigma", "--eta"),
-    "img2img": ("--levels", "--steps", "--eta"),
-    "inpaint": ("--steps", "--jump-length", "--jump-count"),
-    "anagram": ("--views", "--steps", "--eta"),
-    "hybrid": ("--sigma", "--view-sigma", "--steps", "--eta"),
-    "sweep": ("--sigmas",),
-}
-
-
-def refuse_unused_flags(args: argparse.Namespace, key: str, what: str) -> None:
-    stray = [flag for flag in task_flags_given(args) if flag not in TASK_FLAGS[key]]
-    if stray:
-        raise UserError(f"{', '.join(stray)} {'does' if len(stray) == 1 else 'do'} not apply to {what}, "
-                        f"which takes {', '.join(TASK_FLAGS[key])}")
-
-
-def _num_given(args: argparse.Namespace) -> bool:
-    """Whether --num differs from sample.py's default (recorded by add_task_arguments)."""
-    return args.num != getattr(args, "num_default", args.num)
-
-
 def _inpaint(args: argparse.Namespace) -> list[Path]:
     """RePaint on a diffusion run, or the run's own network: sample.py's inpaint_task with the
     settings given (the defaults are filled in by genscale.inpainting.task_options)."""
@@ -161,38 +70,14 @@ def _inpaint(args: argparse.Namespace) -> list[Path]:
         raise UserError("--task inpaint needs --input (IMAGES.npz or one image) and --mask (MASKS.npz or one "
                         "black-and-white image, white = known)")
     refuse_unused_flags(args, "inpaint", "--task inpaint (RePaint takes ancestral steps, eta 1)")
-    if _num_given(args):
+    if num_given(args):
         raise UserError(f"--num does not apply to --task inpaint, which fills every image of {args.input}")
     given = dict(steps=args.steps, jump_length=args.jump_length, jump_count=args.jump_count, labels=args.labels,
                  cfg_scale=args.cfg_scale)
     defaults = dict(steps=None, jump_length=10, jump_count=10, labels=None, cfg_scale=None)
     options = {key: value for key, value in given.items() if value != defaults[key]}
-    with _input_for_run(args) as images_path:
-        return inpaint_task(args.run, images_path, args.mask, args.out, args.seed, args.batch_size,
-                            options=dict(options, progress=True))
-
-
-@contextlib.contextmanager
-def _input_for_run(args: argparse.Namespace):
-    """--input, or a temporary .npz of it converted to the run's channels (colour -> grey as denoise
-    and img2img convert): sample.py's inpaint_task draws its grid from the images as read, so
-    they must already have the run's channels. A run folder that cannot be read is left to it."""
-    from genscale.applications.inputs import fit_channels
-    from genscale.inpainting import load_inpainting_inputs
-
-    images, _ = load_inpainting_inputs(args.input, args.mask)
-    try:
-        channels = int(json.loads((Path(args.run) / "config.json").read_text())["data_info"]["channels"])
-    except (OSError, ValueError, KeyError, TypeError):
-        channels = images.shape[-1]
-    if images.shape[-1] == channels:
-        yield args.input
-        return
-    converted = fit_channels(images, channels, f"--input {args.input}")
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / (Path(args.input).stem + ".npz")
-        np.savez(path, converted)
-        yield str(path)
+    return inpaint_task(args.run, args.input, args.mask, args.out, args.seed, args.batch_size,
+                        options=dict(options, progress=True))
 
 
 def _task_images(args: argparse.Namespace, info) -> np.ndarray:
@@ -233,8 +118,8 @@ def _denoise(args: argparse.Namespace, dm, cfg: float, images: np.ndarray) -> li
     if args.steps is not None and not 1 <= args.steps <= t + 1:  # the default is capped, a given value is not
         raise UserError(f"--steps must be between 1 and {t + 1} (the timesteps from --t {t} down to 0), "
                         f"got {args.steps}")
-    steps = min(_or(args.steps, 20), t + 1)
-    labels = _labels(dm, args.labels, len(images))
+    steps = min(or_default(args.steps, 20), t + 1)
+    labels = labels_for(dm, args.labels, len(images))
     names = ("noisy", "blur", "one_step", "iterative")
     sse = dict.fromkeys(names, 0.0)
     columns: list[list[np.ndarray]] = []
@@ -264,10 +149,10 @@ def _img2img(args: argparse.Namespace, dm, cfg: float, images: np.ndarray) -> li
     from genscale.applications.sdedit import parse_levels, sdedit
 
     levels = parse_levels(args.levels)
-    steps = _or(args.steps, min(50, dm.timesteps))
+    steps = or_default(args.steps, min(50, dm.timesteps))
     if not 1 <= steps <= dm.timesteps:
         raise UserError(f"--steps must be between 1 and {dm.timesteps}, got {steps}")
-    labels = _labels(dm, args.labels, len(images))
+    labels = labels_for(dm, args.labels, len(images))
     sse = np.zeros(len(levels))
     edited: list[list[np.ndarray]] = []
 
@@ -297,46 +182,10 @@ def _denoiser_sweep(args: argparse.Namespace, family, info) -> list[Path]:
     refuse_unused_flags(args, "sweep", what)
     if args.labels or args.cfg_scale is not None:
         raise UserError(f"--labels and --cfg-scale do not apply to {what}: the denoiser takes no class")
-    sigmas = _floats(args.sigmas, "--sigmas")
+    sigmas = parse_floats(args.sigmas, "--sigmas")
     images = torch.from_numpy(_task_images(args, info)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return sigma_sweep(family, images, sigmas, args.out, batch_size=args.batch_size, seed=args.seed,
                        progress=True)
-
-
-def check_task_numbers(args: argparse.Namespace) -> None:
-    """A NaN guidance scale or eta turns every image black, a NaN or infinite sigma fails deep in
-    the blur, an eta past 1 has no meaning: refuse them in one sentence, as plain sampling does for
-    --cfg-scale."""
-    for flag, value, positive in (("--cfg-scale", args.cfg_scale, False), ("--eta", args.eta, False),
-                                  ("--sigma", args.sigma, True), ("--view-sigma", args.view_sigma, True),
-                                  ("--blur-sigma", args.blur_sigma, True)):
-        if value is None:
-            continue
-        if not math.isfinite(value) or (positive and value <= 0) or (flag == "--eta" and value < 0):
-            need = "a positive" if positive else "a non-negative" if flag == "--eta" else "a finite"
-            raise UserError(f"{flag} must be {need} number, got {value}")
-    # DDIM's eta interpolates between its deterministic step (0) and the ancestral DDPM step (1);
-    # past 1 the noise it asks for exceeds the variance the step has (ddim_step clamps it away).
-    if args.eta > 1:
-        raise UserError(f"--eta must lie between 0 (deterministic DDIM steps) and 1 (ancestral steps), got {args.eta}")
-
-
-def task_flags_given(args: argparse.Namespace) -> list[str]:
-    """The applications' flags given a value other than their default (plain sampling ignores them)."""
-    probe = argparse.ArgumentParser(add_help=False)
-    add_task_arguments(probe)
-    defaults = vars(probe.parse_args([]))
-    return ["--" + name.replace("_", "-") for name, default in defaults.items() if getattr(args, name) != default]
-
-
-def _floats(spec: str, flag: str) -> list[float]:
-    try:
-        values = [float(v) for v in spec.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} must be comma-separated numbers, got {spec!r}") from None
-    if not values or not all(math.isfinite(v) and v >= 0 for v in values):  # 0: the clean images
-        raise UserError(f"{flag} must list non-negative finite numbers, got {spec!r}")
-    return values
 
 
 def _generate(args: argparse.Namespace, dm, cfg: float) -> list[Path]:
@@ -344,7 +193,7 @@ def _generate(args: argparse.Namespace, dm, cfg: float) -> list[Path]:
     dm.require_pixels(args.task)
     if dm.num_classes == 0:
         raise UserError(f"--task {args.task} needs a class-conditional run (one class per view or band)")
-    steps = _or(args.steps, min(50, dm.timesteps))
+    steps = or_default(args.steps, min(50, dm.timesteps))
     if not 1 <= steps <= dm.timesteps:
         raise UserError(f"--steps must be between 1 and {dm.timesteps}, got {steps}")
     if args.task == "anagram":
@@ -352,7 +201,7 @@ def _generate(args: argparse.Namespace, dm, cfg: float) -> list[Path]:
         from genscale.applications.views import parse_views
 
         views = parse_views(args.views)
-        classes = _default_or_given(args.labels, ANAGRAM_LABELS, len(views), dm.num_classes, "anagram")
+        classes = default_or_given(args.labels, ANAGRAM_LABELS, len(views), dm.num_classes, "anagram")
 
         def make(n, gen, progress):
             x = anagram(dm, n, views, classes, cfg_scale=cfg, steps=steps, eta=args.eta, generator=gen,
@@ -363,7 +212,7 @@ def _generate(args: argparse.Namespace, dm, cfg: float) -> list[Path]:
         from genscale.applications.filters import lowpass
         from genscale.applications.hybrid import hybrid
 
-        low, high = _default_or_given(args.labels, HYBRID_LABELS, 2, dm.num_classes, "hybrid")
+        low, high = default_or_given(args.labels, HYBRID_LABELS, 2, dm.num_classes, "hybrid")
         lowpass(torch.zeros(1, 1, 2, 2), args.view_sigma)  # a bad sigma is refused before any model call
 
         def make(n, gen, progress):
