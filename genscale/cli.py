@@ -56,13 +56,19 @@ def make_folder(path: str | Path, flag: str, given: str | None = None) -> None:
         raise UserError(f"{what} cannot be created ({err.strerror or err})", exit_code=1) from None
 
 
-def output_file(out: str, flag: str) -> Path:
-    """The file ``out`` names, checked before the work: a file name (not empty, not a folder),
-    writable where it lies (its folder is made, and a file is created there and removed: /proc
-    and /sys look writable to root but take no new file)."""
+def _file_name(out: str, flag: str) -> Path:
+    """``out`` as a file name: not empty, not a folder's name ("dir/", ".", "..")."""
     path = Path(out)
     if not out or out.endswith(("/", os.sep)) or path.name in ("", ".", ".."):
         raise UserError(f"{flag} must name a file, got {out!r}")
+    return path
+
+
+def output_file(out: str, flag: str) -> Path:
+    """The file ``out`` names, checked before the work: a file name, writable where it lies (its
+    folder is made, and a file is created there and removed: /proc and /sys look writable to root
+    but take no new file)."""
+    path = _file_name(out, flag)
     check_output_path(path, flag)
     make_folder(path.parent, flag, out)
     try:
@@ -76,17 +82,16 @@ def output_file(out: str, flag: str) -> Path:
 
 def output_files(out: str, flag: str = "--out") -> dict[str, Path]:
     """The files an image output ``out`` names, by kind (".png" a grid, ".npz" the arrays): both
-    for a name without a suffix, else the one its suffix names in any case (``x.PNG`` is written
-    as ``x.PNG``). UserError for another suffix or a file that cannot be written (output_file),
-    so that both are found before the work."""
-    path = Path(out)
+    for a name without a suffix (beside a folder of that name, if there is one), else the one its
+    suffix names in any case (``x.PNG`` is written as ``x.PNG``). UserError for another suffix or
+    a file that cannot be written (output_file), so that both are found before the work."""
+    path = _file_name(out, flag)
     kind = path.suffix.lower()
     if kind not in ("", ".png", ".npz") or path.name.endswith("."):  # "x.png." has no suffix: x.png..png
         raise UserError(f"{flag} must end in .png or .npz (or have no suffix for both), got {out}")
-    output_file(out, flag)  # the name itself: not "", "dir/" or a folder (DIR.png would land beside it)
     files = {kind: path} if kind else {k: path.with_suffix(k) for k in (".png", ".npz")}
     for file in files.values():
-        check_output_path(file, flag)
+        output_file(str(file), flag)
     return files
 
 
@@ -101,8 +106,10 @@ def quiet_interrupt_while_starting() -> None:
     signal.signal(signal.SIGINT, interrupted)
 
 
-def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
-    """Call ``main`` and turn a UserError into one line on stderr and its exit code."""
+def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None,
+             memory_hint: str = "use a smaller --batch-size") -> None:
+    """Call ``main`` and turn a UserError into one line on stderr and its exit code (an allocation
+    failure too, with ``memory_hint``: the entry point's own flags)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt again (see above)
     try:
         code = main(argv)
@@ -117,7 +124,7 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         reason = out_of_memory(err)
         if reason is None:
             raise
-        print(f"error: out of memory ({reason}); use a smaller --batch-size (or --num)", file=sys.stderr)
+        print(f"error: out of memory ({reason}); {memory_hint}", file=sys.stderr)
         sys.exit(1)
     sys.exit(code or 0)
 

@@ -94,7 +94,7 @@ def make_accelerator():
     """One process group for the launch: on a machine without CUDA, N gloo processes."""
     from genscale.launch import new_accelerator
 
-    return new_accelerator()
+    return new_accelerator(share_cores=False)  # one process alone honours OMP_NUM_THREADS, as before
 
 
 def _folder_shape(folder: str) -> tuple[int, int, int]:
@@ -352,4 +352,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from genscale.cli import run_main  # noqa: E402 - Ctrl-C: "interrupted" and exit 130, no traceback
 
-    run_main(main)
+    run_main(main, memory_hint="use a smaller --chunk-size")

@@ -132,17 +132,15 @@ def _read_image(path: str, what: str) -> np.ndarray:
 
 
 def _mask_from_image(path: str) -> np.ndarray:
-    """A mask picture as 1 x H x W of 1 (known, white) and 0 (hole, black); values 0/1 are taken as they are."""
+    """A mask picture as 1 x H x W of 1 (known: light, grey level 128 and up) and 0 (hole: dark);
+    a picture holding only the values 0 and 1 is taken as they are. Thresholding, not exact black
+    and white: a JPEG or a smoothed drawing has grey levels along its edges."""
     from genscale.applications.inputs import fit_channels
 
     grey = fit_channels(_read_image(path, "--mask"), 1, f"--mask {path}")[..., 0]
-    values = set(np.unique(grey).tolist())
-    if values <= {0, 1}:
+    if set(np.unique(grey).tolist()) <= {0, 1}:
         return grey
-    if values <= {0, 255}:
-        return grey // 255
-    raise UserError(f"--mask {path} must be black (hole) and white (known pixel) only, "
-                    f"but it holds {len(values - {0, 255})} other grey levels")
+    return (grey >= 128).astype(np.uint8)
 
 
 def load_inpainting_inputs(images_path: str, masks_path: str) -> tuple[np.ndarray, np.ndarray]:

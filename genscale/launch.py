@@ -25,9 +25,10 @@ def sharded_weights(acc) -> str:
     return ""
 
 
-def new_accelerator(**kwargs) -> Accelerator:
+def new_accelerator(share_cores: bool = True, **kwargs) -> Accelerator:
     """An Accelerator for this process (gloo on a GPU-less machine, whose cores the local processes
-    share); settings accelerate refuses (fp8 without its packages, an unknown precision) are one
+    share; ``share_cores=False``: only under a launcher, a lone process keeping torch's own thread
+    count); settings accelerate refuses (fp8 without its packages, an unknown precision) are one
     sentence, not its traceback."""
     cpu = not torch.cuda.is_available()
     try:
@@ -35,7 +36,7 @@ def new_accelerator(**kwargs) -> Accelerator:
     except (ValueError, ImportError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"accelerate refused this launch's settings: {reason}") from None
-    if cpu:
+    if cpu and (share_cores or "LOCAL_WORLD_SIZE" in os.environ):
         # accelerate launch pins OMP_NUM_THREADS=1; share the cores between local processes instead.
         threads = int(os.environ.get("GENSCALE_THREADS", "0")) or max(1, (os.cpu_count() or 1) // _local_world())
         torch.set_num_threads(threads)

@@ -10,9 +10,10 @@ docs/applications.md); a denoiser run takes ``--task denoise`` (its sigma sweep)
 ``--out FILE.png`` writes a grid, ``FILE.npz`` the ADM convention (``arr_0`` uint8 N x H x W x C,
 ``arr_1`` int labels), a name without a suffix both. The same seed (at the same --batch-size, which sets how the draws are grouped) gives identical output,
 in one process or shared across the processes of ``accelerate launch genscale/sample.py ...``.
-``--task inpaint`` fills the holes of IMAGES.npz (``arr_0`` uint8 N x H x W x C) under MASKS.npz
-(``arr_0`` uint8 N x H x W, 1 = known, 0 = hole): OUT.npz ``arr_0`` holds the filled images (known
-pixels unchanged bit for bit), OUT.png a grid of masked input | filled pairs.
+``--task inpaint`` fills the holes of IMAGES.npz (``arr_0`` uint8 N x H x W x C, or one image file)
+under MASKS.npz (``arr_0`` uint8 N x H x W, 1 = known, 0 = hole, or one mask picture, light = known):
+OUT.npz ``arr_0`` holds the filled images (known pixels unchanged bit for bit), OUT.png a grid of
+masked input | filled pairs.
 """
 from __future__ import annotations
 
@@ -113,9 +114,11 @@ def check_sampling_options(family: Family, sampling_steps: int | None = None, ba
 
 def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, cfg_scale: float | None = None,
              sampler: str | None = None, sampling_steps: int | None = None, batch_size: int = 250,
-             device: str | None = None, progress: bool = False, accelerator=None) -> tuple[np.ndarray, np.ndarray]:
-    """Samples of a run as uint8 N x H x W x C and their int labels (-1 when unconditional), on
-    every rank of ``accelerator`` (None: this process alone).
+             device: str | None = None, progress: bool = False,
+             accelerator=None) -> tuple[np.ndarray | None, np.ndarray]:
+    """Samples of a run as uint8 N x H x W x C and their int labels (-1 when unconditional); with
+    an ``accelerator`` the batches are shared by its ranks and only the main rank gets the images
+    (the others None).
 
     Batch k holds samples [k * batch_size, (k + 1) * batch_size) and is drawn from a generator
     seeded by (seed, k) alone (genscale.metrics.sharded): the output depends on the seed and the
@@ -136,7 +139,7 @@ def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, 
     options = {k: v for k, v in dict(cfg_scale=cfg_scale, sampler=sampler, sampling_steps=sampling_steps).items()
                if v is not None}
     shape = (info.image_size, info.image_size, info.channels)
-    check_memory(num, shape, 1 if accelerator is None else int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    check_memory(num, shape, batch_size, accelerator)
     main_rank = accelerator is None or accelerator.is_main_process
     # One batch shows the sampler's own bar (its steps); several show one bar over all the images,
     # not a sampler bar that restarts at zero for each batch (and none at all for GANs and VAEs).
@@ -149,34 +152,48 @@ def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, 
         return torch.from_numpy(to_uint8(images)).reshape(stop - start, -1)
 
     flat = sharded_rows(num, batch_size, math.prod(shape), draw, accelerator,
-                        desc="samples" if progress and several else "", dtype=torch.uint8)
+                        desc="samples" if progress and several else "", dtype=torch.uint8, main_only=True)
     out_labels = (label_tensor.numpy() if label_tensor is not None else np.full(num, -1)).astype(np.int64)
-    return flat.reshape(num, *shape), out_labels
+    return None if flat is None else flat.reshape(num, *shape), out_labels
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux's MemAvailable); None where unknown."""
+    """Bytes a new allocation can take: Linux's MemAvailable, or less under a cgroup limit (SLURM's
+    --mem; MemAvailable shows the whole node); None where unknown."""
+    found = []
     try:
         with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            found += [int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
 
 
-def check_memory(num: int, shape: tuple[int, int, int], processes: int) -> None:
-    """Refuse before sampling when the samples cannot be held: the buffer is allocated lazily and
-    filled as batches finish, so the OOM killer would otherwise end the job hours in, losing it all.
-    Each of this machine's ``processes`` holds every sample once gathered (and its own share
-    before): ~2 copies each."""
-    per_process = num * (math.prod(shape) + 8) * (2 if processes > 1 else 1)
-    need, available = per_process * processes, available_memory()
-    if available is not None and need > available:
+def check_memory(num: int, shape: tuple[int, int, int], batch_size: int, accelerator=None) -> None:
+    """Refuse before sampling when the samples cannot be held: the buffers fill as batches finish,
+    so the OOM killer would otherwise end the job late, losing all of it. The main rank holds every
+    image, each process of the machine its own share; every rank votes, so all refuse together
+    (one refusing alone would leave the others waiting in a collective)."""
+    from genscale.metrics.sharded import any_rank
+
+    width = math.prod(shape)
+    world = 1 if accelerator is None else accelerator.num_processes
+    local = 1 if accelerator is None else int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    share = math.ceil(math.ceil(num / batch_size) / world) * min(batch_size, num) * width
+    need = share if world == 1 else num * width + local * share
+    available = available_memory()
+    short = available is not None and need > available
+    if any_rank(short, accelerator):
+        have = f"the {available / 2**30:.1f} GiB available" if short else "the memory another process has"
         raise UserError(f"--num {num} samples of {shape[0]} x {shape[1]} x {shape[2]} need about "
-                        f"{need / 2**30:.1f} GiB of memory, more than the {available / 2**30:.1f} GiB available; "
-                        "draw fewer at a time (e.g. several runs with different --seed values)")
+                        f"{need / 2**30:.1f} GiB of memory, more than {have}; draw fewer at a time "
+                        "(e.g. several runs with different --seed values)")
 
 
 def write_outputs(out: str, images: np.ndarray, labels: np.ndarray) -> list[Path]:
@@ -198,8 +215,9 @@ def write_outputs(out: str, images: np.ndarray, labels: np.ndarray) -> list[Path
 
 def inpaint_task(run_dir: str, images_path: str, masks_path: str, out: str, seed: int = 0,
                  batch_size: int = 250, device: str | None = None, options: dict | None = None) -> list[Path]:
-    """``--task inpaint``: fill the holes of IMAGES.npz under MASKS.npz and write ``out``
-    (``options``: RePaint's settings for diffusion runs, see genscale.inpainting.inpaint_options)."""
+    """``--task inpaint``: fill the holes of the --input images under the --mask masks (.npz files,
+    or one image and one black-and-white mask picture) and write ``out`` (``options``: RePaint's
+    settings for diffusion runs, see genscale.inpainting.task_options)."""
     from genscale.inpainting import can_inpaint, is_diffusion, load_inpainting_inputs, run_inpainting
 
     files = output_files(out)
@@ -283,11 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         accelerator = new_accelerator()
     images, labels = generate(args.run, args.num, args.labels, args.seed, args.cfg_scale, args.sampler,
                               args.sampling_steps, args.batch_size, progress=True, accelerator=accelerator)
-    if accelerator is None or accelerator.is_main_process:
+    if images is not None:  # the main rank's (the others drew their share and handed it over)
         for path in write_outputs(args.out, images, labels):
             print(f"wrote {path}")
     return 0
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, memory_hint="use a smaller --batch-size (or --num)")

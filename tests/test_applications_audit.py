@@ -144,6 +144,49 @@ def test_inpaint_takes_one_image_and_a_mask_picture(runs, tmp_path, capsys):
     assert np.mean(filled[0, ..., 0][~known] != digit[~known]) > 0.5
 
 
+def test_a_jpeg_or_smoothed_mask_picture_is_thresholded(tmp_path):
+    """A JPEG of a black square on white decodes with grey levels along its edges, and so does a
+    smoothed drawing; they were refused as 'not black and white only'. Light (>= 128) is known."""
+    from genscale.inpainting import _mask_from_image
+
+    drawn = np.full((8, 8), 255, np.uint8)
+    drawn[2:6, 2:6] = 0
+    Image.fromarray(drawn).save(tmp_path / "mask.jpg", quality=95)
+    jpeg_levels = np.asarray(Image.open(tmp_path / "mask.jpg").convert("L"))
+    assert len(np.unique(jpeg_levels)) > 2  # the case: more than black and white
+    assert np.array_equal(_mask_from_image(str(tmp_path / "mask.jpg"))[0], (jpeg_levels >= 128).astype(np.uint8))
+    assert np.array_equal(_mask_from_image(str(tmp_path / "mask.jpg"))[0], (drawn == 255).astype(np.uint8))
+    smooth = np.asarray(Image.fromarray(drawn).resize((16, 16), Image.BILINEAR))  # edges of grey
+    Image.fromarray(smooth).save(tmp_path / "smooth.png")
+    assert np.array_equal(_mask_from_image(str(tmp_path / "smooth.png"))[0], (smooth >= 128).astype(np.uint8))
+
+
+def test_repaint_labels_cycle_over_all_images_across_batches(monkeypatch):
+    """--labels 0,1,2 on 7 images in batches of 3: one label per image over the whole input
+    (0 1 2 0 1 2 0), not restarted in each batch (0 1 2 | 0 1 2 | 0)."""
+    import genscale.inpainting as inpainting
+
+    seen = []
+
+    class Diffusion:  # what run_inpainting reads of a diffusion family
+        name, num_classes, device = "ddpm", 3, "cpu"
+
+        class schedule:
+            timesteps = 10
+
+    monkeypatch.setattr(inpainting, "is_diffusion", lambda family: True)
+
+    def fill(family, x, m, gen, options):
+        seen.extend(options["labels"].tolist())
+        return x
+
+    monkeypatch.setattr(inpainting, "call_inpaint", fill)
+    images = np.zeros((7, 4, 4, 1), np.uint8)
+    masks = np.ones((7, 4, 4), np.uint8)
+    inpainting.run_inpainting(Diffusion(), images, masks, 4, 1, batch_size=3, options=dict(labels="0,1,2", steps=2))
+    assert seen == [0, 1, 2, 0, 1, 2, 0]
+
+
 def test_inpaint_converts_a_colour_npz_for_a_grey_run_as_denoise_does(runs, tmp_path, capsys):
     code, _, err = run_cli(runs, "ddpm", ["--task", "inpaint", "--input", "{root}/colour.npz", "--mask",
                                           "{root}/masks.npz", "--steps", "4", "--jump-length", "2"], tmp_path, capsys)

@@ -12,12 +12,12 @@ from tests.test_cli_errors_audit import cache, tiny_run  # noqa: F401 -- fixture
 
 
 def test_samples_that_cannot_be_held_are_refused_before_sampling(tiny_run, tmp_path, monkeypatch):  # noqa: F811
-    """Before, the buffer was allocated lazily and the OOM killer ended the job as it filled."""
+    """Before, the OOM killer ended the job as the buffer filled, with all the samples drawn lost."""
     monkeypatch.setattr(sample, "available_memory", lambda: 2**30)
     drawn = []
     monkeypatch.setattr(sample, "sharded_rows", lambda *a, **k: drawn.append(1))
-    # 20M samples of 8 x 8 x 1: (64 + 8) bytes each = 1.34 GiB > 1 GiB
-    with pytest.raises(UserError, match="--num 20000000 samples of 8 x 8 x 1 need about 1.3 GiB of memory, "
+    # 20M samples of 8 x 8 x 1 in one process: 64 bytes each = 1.19 GiB > 1 GiB
+    with pytest.raises(UserError, match="--num 20000000 samples of 8 x 8 x 1 need about 1.2 GiB of memory, "
                                         "more than the 1.0 GiB available"):
         sample.generate(str(tiny_run), 20_000_000, device="cpu")
     assert not drawn
@@ -35,7 +35,7 @@ def test_an_allocation_failure_is_one_sentence(capsys):
         torch.empty(10**15, dtype=torch.uint8)
 
     with pytest.raises(SystemExit) as exit_:
-        run_main(main, [])
+        run_main(main, [], memory_hint="use a smaller --batch-size")
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 1 and len(lines) == 1
     assert lines[0].startswith("error: out of memory (931322.6 GiB asked for at once); use a smaller --batch-size")

@@ -20,10 +20,13 @@ def test_a_name_that_is_not_a_file_is_refused(tmp_path, monkeypatch, out):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_existing_folder_without_suffix_is_refused(tmp_path):
+def test_a_name_without_suffix_beside_a_folder_of_that_name(tmp_path):
+    """README: a name without a suffix writes both files; a folder of that name stays untouched."""
     (tmp_path / "shots").mkdir()
-    # before: shots.png and shots.npz were written beside the folder
-    with pytest.raises(UserError, match=f"--out {tmp_path / 'shots'} is a folder; give a file name"):
+    files = output_files(str(tmp_path / "shots"))
+    assert files == {".png": tmp_path / "shots.png", ".npz": tmp_path / "shots.npz"}
+    (tmp_path / "shots.png").mkdir()  # now the file to write is itself a folder
+    with pytest.raises(UserError, match="is a folder; give a file name"):
         output_files(str(tmp_path / "shots"))
 
 

@@ -55,13 +55,14 @@ def one_step_x0(dm: DiffusionModel, x_t: torch.Tensor, t: int, labels: torch.Ten
 
 
 @torch.no_grad()
-def denoise(dm: DiffusionModel, images: torch.Tensor, t: int, *, steps: int = 20, blur_sigma: float = 1.0,
+def denoise(dm: DiffusionModel, images: torch.Tensor, t: int, *, steps: int | None = None, blur_sigma: float = 1.0,
             labels: torch.Tensor | None = None, cfg_scale: float = 1.0, eta: float = 0.0,
             generator: torch.Generator | None = None, keep: int = 3,
             progress: bool = False) -> DenoiseResult:
     """Noise ``images`` (N x C x H x W in [-1, 1]) to ``t`` and denoise them as (a), (b), (c)."""
     if not 0 <= t < dm.timesteps:
         raise UserError(f"--t must be a timestep between 0 and {dm.timesteps - 1}, got {t}")
+    steps = min(20, t + 1) if steps is None else steps  # the default: 20, or every timestep below a small t
     if not 1 <= steps <= t + 1:  # more steps than timesteps from t down to 0 cannot be taken
         raise UserError(f"--steps must be between 1 and {t + 1} (the timesteps from --t {t} down to 0), got {steps}")
     clean = images.to(dm.device, torch.float32)

@@ -112,13 +112,7 @@ def _finite(args: argparse.Namespace, cfg: float, *tensors: torch.Tensor) -> Non
 def _denoise(args: argparse.Namespace, dm, cfg: float, images: np.ndarray) -> list[Path]:
     from genscale.applications.denoise import denoise, psnr_from_sse, squared_error
 
-    t = dm.timesteps // 2 if args.t is None else args.t
-    if not 0 <= t < dm.timesteps:
-        raise UserError(f"--t must be a timestep between 0 and {dm.timesteps - 1}, got {t}")
-    if args.steps is not None and not 1 <= args.steps <= t + 1:  # the default is capped, a given value is not
-        raise UserError(f"--steps must be between 1 and {t + 1} (the timesteps from --t {t} down to 0), "
-                        f"got {args.steps}")
-    steps = min(or_default(args.steps, 20), t + 1)
+    t = dm.timesteps // 2 if args.t is None else args.t  # t and --steps are checked by denoise()
     labels = labels_for(dm, args.labels, len(images))
     names = ("noisy", "blur", "one_step", "iterative")
     sse = dict.fromkeys(names, 0.0)
@@ -126,7 +120,7 @@ def _denoise(args: argparse.Namespace, dm, cfg: float, images: np.ndarray) -> li
 
     def draw(start, stop, gen, progress):
         x = to_tensor(images[start:stop], dm.device)
-        r = denoise(dm, x, t, steps=steps, blur_sigma=args.blur_sigma, cfg_scale=cfg, eta=args.eta,
+        r = denoise(dm, x, t, steps=args.steps, blur_sigma=args.blur_sigma, cfg_scale=cfg, eta=args.eta,
                     labels=None if labels is None else labels[start:stop].to(dm.device), generator=gen,
                     progress=progress)
         stages = [r.clean, r.noisy, r.blur, r.one_step, *r.trace, r.iterative]

@@ -80,7 +80,9 @@ def array_images(images: np.ndarray) -> ImagesFn:
 
 def folder_images(files: list[str]) -> ImagesFn:
     """Chunks of image files decoded as the data pipeline reads them (grey "L" or "RGB",
-    transparency onto white) into uint8 N x H x W x C; all files must share one size."""
+    transparency onto white) into uint8 N x H x W x C; the files of one chunk must share one size.
+    (FID and KID of a folder read files through clean-fid's own loader instead, as clean-fid
+    scores them.)"""
     from genscale.data.transforms import decode_image, image_channels
 
     def read(k: int, start: int, stop: int) -> np.ndarray:

@@ -5,7 +5,8 @@ items [k * chunk_size, (k + 1) * chunk_size) and goes to rank k mod world_size. 
 about a chunk comes from a generator seeded by (seed, k) alone, so the results are a function
 of the item index and never of how many processes share the work: 1 and 8 processes give the
 same rows. Each rank computes its chunks without any collective; then all ranks take part in
-exactly two collectives (did any rank fail? then the padded rows), so no rank waits alone.
+the same collectives (did any rank fail? then one gather per round of chunks), so no rank waits
+alone.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from genscale.errors import UserError
 
-# Chunk k's rows: (k, start, stop) -> float tensor (stop - start) x width.
+# Chunk k's rows: (k, start, stop) -> tensor (stop - start) x width (cast to the rows' dtype).
 ChunkFn = Callable[[int, int, int], torch.Tensor]
 # Independent streams for one (seed, chunk); the tag keeps them apart from the data stream's
 # and the trainer's seeds.
@@ -56,12 +57,13 @@ def any_rank(flag: bool, accelerator) -> bool:
 
 
 def sharded_rows(num: int, chunk_size: int, width: int, compute: ChunkFn, accelerator=None,
-                 desc: str = "", dtype: torch.dtype = torch.float64) -> np.ndarray:
+                 desc: str = "", dtype: torch.dtype = torch.float64, main_only: bool = False) -> np.ndarray | None:
     """Rows (``num`` x ``width`` of ``dtype``: float64 for features, uint8 for images) in item
     order, computed chunk by chunk across ranks.
 
     ``accelerator`` None means one process. Every rank must call this with the same arguments.
     If ``compute`` raises on some rank, every rank raises (the failing rank its own error).
+    ``main_only``: only the main rank gets the rows (the others None), so only it holds them all.
     """
     if num < 1 or chunk_size < 1:
         raise UserError(f"need at least one item and a positive chunk size, got {num} and {chunk_size}.")
@@ -69,8 +71,7 @@ def sharded_rows(num: int, chunk_size: int, width: int, compute: ChunkFn, accele
     rank, world = _world(accelerator)
     mine = rank_chunks(num, chunk_size, rank, world)
     per_rank = math.ceil(math.ceil(num / chunk_size) / world)
-    index = torch.full((per_rank * chunk_size,), -1, dtype=torch.int64)  # item of each row; -1 = padding
-    rows = torch.zeros((per_rank * chunk_size, width), dtype=dtype)
+    rows = torch.zeros((per_rank * chunk_size, width), dtype=dtype)  # round j's chunk at row j * chunk_size
     error: BaseException | None = None
     bar = tqdm(total=num, desc=desc, disable=not desc or rank != 0, leave=False, dynamic_ncols=True)
     try:
@@ -78,9 +79,7 @@ def sharded_rows(num: int, chunk_size: int, width: int, compute: ChunkFn, accele
             out = compute(k, start, stop).detach().to("cpu", dtype)
             if out.shape != (stop - start, width):
                 raise RuntimeError(f"chunk {k} gave rows of shape {tuple(out.shape)}, expected {(stop - start, width)}")
-            at = j * chunk_size
-            index[at:at + stop - start] = torch.arange(start, stop)
-            rows[at:at + stop - start] = out
+            rows[j * chunk_size:j * chunk_size + stop - start] = out
             # rank 0's bar counts the round its chunk belongs to: chunks k .. k + world - 1, the last
             # round possibly short (world times its own chunk overshot the total)
             bar.update(min(num, (k + world) * chunk_size) - k * chunk_size)
@@ -93,17 +92,21 @@ def sharded_rows(num: int, chunk_size: int, width: int, compute: ChunkFn, accele
             raise error
         raise UserError("another process failed (its error is printed above).", exit_code=1)
     if world == 1:  # the chunks lie in order from row 0: no copy (sample.py's images can be GBs)
-        if not torch.equal(index[:num], torch.arange(num)):
-            raise RuntimeError("the rows do not cover every item exactly once")
         return rows[:num].numpy()
-    index = accelerator.gather(index.to(accelerator.device)).cpu()
-    rows = accelerator.gather(rows.to(accelerator.device)).cpu()
-    keep = index >= 0
-    index, rows = index[keep], rows[keep]
-    order = torch.argsort(index)
-    if not torch.equal(index[order], torch.arange(num)):
-        raise RuntimeError("gathered rows do not cover every item exactly once")
-    return rows[order].numpy()
+    keep = not main_only or accelerator.is_main_process
+    result = torch.empty((num, width), dtype=dtype) if keep else None
+    for j in range(per_rank):
+        # One round at a time (a chunk from every rank): the device holds world chunks, not all
+        # the rows. Round j's chunk of rank r is chunk k = j * world + r, items [k * cs, ...).
+        part = accelerator.gather(rows[j * chunk_size:(j + 1) * chunk_size].to(accelerator.device))
+        if result is not None:
+            part = part.cpu()
+            for r in range(world):
+                start = (j * world + r) * chunk_size
+                if start < num:
+                    count = min(num, start + chunk_size) - start
+                    result[start:start + count] = part[r * chunk_size:r * chunk_size + count]
+    return None if result is None else result.numpy()
 
 
 def gather_objects(items: list, accelerator=None) -> list:
