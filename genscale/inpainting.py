@@ -57,12 +57,6 @@ def can_inpaint(family) -> bool:
     return callable(getattr(family, "inpaint", None)) or pixel_diffusion
 
 
-def _label_tensor(spec: str, n: int, num_classes: int) -> torch.Tensor | None:
-    from genscale.sample import parse_labels
-
-    return parse_labels(spec, n, num_classes)
-
-
 def repaint_fill(family, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None,
                  options: dict | None = None) -> torch.Tensor:
     """RePaint on a diffusion run; ``options`` as in the module docstring (labels: sample.py's spec,
@@ -77,7 +71,9 @@ def repaint_fill(family, images: torch.Tensor, masks: torch.Tensor, generator: t
     if labels in (None, ""):
         labels = None
     elif isinstance(labels, str):  # sample.py's spec; an unconditional run refuses it (parse_labels says so)
-        labels = _label_tensor(labels, images.shape[0], dm.num_classes)
+        from genscale.sample import parse_labels
+
+        labels = parse_labels(labels, images.shape[0], dm.num_classes)
     labels = None if labels is None else labels.to(dm.device)
     cfg = opts.pop("cfg_scale", None)
     cfg = (dm.default_cfg if labels is not None else 1.0) if cfg is None else cfg
@@ -220,7 +216,9 @@ def run_inpainting(family, images: np.ndarray, masks: np.ndarray, image_size: in
     if is_diffusion(family):
         options["progress"] = progress and not several
         if labels not in (None, ""):  # one label per image, cycled over all of them, not restarted per batch
-            labels = _label_tensor(labels, len(images), int(family.num_classes))
+            from genscale.sample import parse_labels
+
+            labels = parse_labels(labels, len(images), int(family.num_classes))
     device = family.device
     out = []
     bar = tqdm(total=len(images), desc="inpaint", disable=not (progress and several), leave=False,

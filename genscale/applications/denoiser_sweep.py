@@ -81,7 +81,9 @@ def sigma_sweep(family, images: torch.Tensor, sigmas: list[float], out: str,
         batch = images[start:start + size].to(family.device)
         parts = sweep_batch(family, batch, sigmas, gen)
         for i in range(len(sigmas)):
-            noisy[i].append(parts[0][i])
+            have = sum(len(a) for a in noisy[i])  # the grid shows the first SHOWN noisy images only
+            if have < SHOWN:
+                noisy[i].append(parts[0][i][:SHOWN - have])
             den[i].append(parts[1][i])
         sse_noisy += parts[2]
         sse_den += parts[3]

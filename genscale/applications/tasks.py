@@ -102,11 +102,13 @@ def _in_batches(n: int, batch_size: int, seed: int, desc: str, draw) -> None:
             bar.update(stop - start)
 
 
-def _finite(args: argparse.Namespace, cfg: float, *tensors: torch.Tensor) -> None:
-    """Refuse an output that is not finite: as uint8 it would silently turn black."""
+def _finite(task: str, *tensors: torch.Tensor) -> None:
+    """Refuse an output that is not finite: as uint8 it would silently turn black (run_task words
+    the error, as for a non-finite prediction)."""
+    from genscale.applications.model import NonFiniteError
+
     if not all(bool(torch.isfinite(x).all()) for x in tensors):
-        raise UserError(f"--task {args.task} gave NaN or infinite values at --cfg-scale {cfg:g} and --eta "
-                        f"{args.eta:g}; use smaller values (nothing was written)")
+        raise NonFiniteError(f"--task {task} gave NaN or infinite values")
 
 
 def _denoise(args: argparse.Namespace, dm, cfg: float, images: np.ndarray) -> list[Path]:
@@ -124,7 +126,7 @@ def _denoise(args: argparse.Namespace, dm, cfg: float, images: np.ndarray) -> li
                     labels=None if labels is None else labels[start:stop].to(dm.device), generator=gen,
                     progress=progress)
         stages = [r.clean, r.noisy, r.blur, r.one_step, *r.trace, r.iterative]
-        _finite(args, cfg, *stages)
+        _finite(args.task, *stages)
         for name in names:
             sse[name] += squared_error(getattr(r, name), r.clean)
         columns.append([to_uint8(c) for c in stages])
@@ -154,7 +156,7 @@ def _img2img(args: argparse.Namespace, dm, cfg: float, images: np.ndarray) -> li
         x = to_tensor(images[start:stop], dm.device)
         edits = sdedit(dm, x, levels, labels=None if labels is None else labels[start:stop].to(dm.device),
                        cfg_scale=cfg, steps=steps, eta=args.eta, generator=gen, progress=progress)
-        _finite(args, cfg, *edits)
+        _finite(args.task, *edits)
         sse[:] += [squared_error(e, x) for e in edits]
         edited.append([to_uint8(e) for e in edits])
 
@@ -218,7 +220,7 @@ def _generate(args: argparse.Namespace, dm, cfg: float) -> list[Path]:
 
     def draw(start, stop, gen, progress):
         shown = make(stop - start, gen, progress)
-        _finite(args, cfg, *shown)
+        _finite(args.task, *shown)
         parts.append([to_uint8(s) for s in shown])
 
     _in_batches(args.num, args.batch_size, args.seed, args.task, draw)
