@@ -171,17 +171,18 @@ def load_inpainting_inputs(images_path: str, masks_path: str) -> tuple[np.ndarra
 
 # RePaint's settings for sample.py --task inpaint, and their defaults there (docs/applications.md).
 REPAINT_DEFAULTS = dict(steps=100, jump_length=10, jump_count=10)
-REPAINT_FLAGS = dict(steps="--steps", jump_length="--jump-length", jump_count="--jump-count")
+REPAINT_FLAGS = dict(steps="--steps", jump_length="--jump-length", jump_count="--jump-count", labels="--labels",
+                     cfg_scale="--cfg-scale")
 
 
 def task_options(family, options: dict | None) -> dict:
     """RePaint's settings for ``family``: the given ones over the task's defaults on a diffusion run
     (--steps between 1 and T); on an inpainting network, which has none, a given one is refused."""
-    options = dict(options or {})
+    options = {key: value for key, value in (options or {}).items() if value is not None}  # None: not given
     given = [flag for key, flag in REPAINT_FLAGS.items() if key in options]
     if not is_diffusion(family):
-        if given:
-            raise UserError(f"{', '.join(given)} set RePaint on diffusion runs; this run's network "
+        if given:  # an inpainting network would ignore them
+            raise UserError(f"{', '.join(given)} apply to RePaint on diffusion runs; this run's network "
                             f"({getattr(family, 'name', '')}) fills holes in one pass without them")
         return options
     timesteps = family.schedule.timesteps

@@ -218,7 +218,7 @@ def inpaint_task(run_dir: str, images_path: str, masks_path: str, out: str, seed
     """``--task inpaint``: fill the holes of the --input images under the --mask masks (.npz files,
     or one image and one black-and-white mask picture) and write ``out`` (``options``: RePaint's
     settings for diffusion runs, see genscale.inpainting.task_options)."""
-    from genscale.inpainting import can_inpaint, is_diffusion, load_inpainting_inputs, run_inpainting
+    from genscale.inpainting import can_inpaint, load_inpainting_inputs, run_inpainting, task_options
 
     files = output_files(out)
     if batch_size <= 0:
@@ -229,11 +229,7 @@ def inpaint_task(run_dir: str, images_path: str, masks_path: str, out: str, seed
     if not can_inpaint(family):
         raise UserError(f"the run {run_dir} ({family.name}) cannot fill holes; use an inpainting model "
                         "(inpaint, gan-inpaint, transformer) or a ddpm run (RePaint)")
-    given = [flag for flag, key in (("--labels", "labels"), ("--cfg-scale", "cfg_scale"))
-             if (options or {}).get(key) is not None]
-    if given and not is_diffusion(family):  # RePaint's settings: an inpainting network would ignore them
-        raise UserError(f"{' and '.join(given)} apply to RePaint on diffusion runs; this run's network "
-                        f"({family.name}) fills holes without them")
+    task_options(family, options)  # RePaint's settings checked (refused for a network) before any work
     if images.shape[1:3] == (info.image_size, info.image_size):  # colour <-> grey, as the other tasks convert
         from genscale.applications.inputs import fit_channels
 

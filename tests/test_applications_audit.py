@@ -257,7 +257,7 @@ def test_repaint_settings_are_refused_by_an_inpainting_network():
 
     net = SimpleNamespace(name="inpaint", device="cpu", inpaint=lambda images, masks: images)
     images, masks = np.zeros((1, 8, 8, 1), np.uint8), np.ones((1, 8, 8), np.uint8)
-    with pytest.raises(UserError, match="--jump-count set RePaint on diffusion runs"):
+    with pytest.raises(UserError, match="--jump-count apply to RePaint on diffusion runs"):
         run_inpainting(net, images, masks, 8, 1, options=dict(jump_count=3))
 
 
