@@ -8,8 +8,9 @@ Diffusion runs also take ``--task denoise|img2img|inpaint|anagram|hybrid`` (RePa
 docs/applications.md); a denoiser run takes ``--task denoise`` (its sigma sweep).
 
 ``--out FILE.png`` writes a grid, ``FILE.npz`` the ADM convention (``arr_0`` uint8 N x H x W x C,
-``arr_1`` int labels), a name without a suffix both. The same seed (at the same --batch-size, which sets how the draws are grouped) gives identical output,
-in one process or shared across the processes of ``accelerate launch genscale/sample.py ...``.
+``arr_1`` int labels), a name without a suffix both. The same seed at the same --batch-size (which
+groups the draws) gives identical output, in one process or shared across the processes of
+``accelerate launch genscale/sample.py ...``.
 ``--task inpaint`` fills the holes of IMAGES.npz (``arr_0`` uint8 N x H x W x C, or one image file)
 under MASKS.npz (``arr_0`` uint8 N x H x W, 1 = known, 0 = hole, or one mask picture, light = known):
 OUT.npz ``arr_0`` holds the filled images (known pixels unchanged bit for bit), OUT.png a grid of
@@ -43,6 +44,7 @@ from genscale.config import RunConfig
 from genscale.errors import UserError
 from genscale.families import family_module
 from genscale.families.base import DataInfo, Family
+from genscale.memory_check import check_memory
 from genscale.metrics.sharded import SAMPLES, chunk_generator, sharded_rows
 from genscale.run_files import grid_image, save_npz, save_png, to_uint8
 
@@ -139,7 +141,7 @@ def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, 
     options = {k: v for k, v in dict(cfg_scale=cfg_scale, sampler=sampler, sampling_steps=sampling_steps).items()
                if v is not None}
     shape = (info.image_size, info.image_size, info.channels)
-    check_memory(num, shape, batch_size, accelerator)
+    check_memory(num, shape, batch_size, accelerator)  # before any batch: all ranks agree
     main_rank = accelerator is None or accelerator.is_main_process
     # One batch shows the sampler's own bar (its steps); several show one bar over all the images,
     # not a sampler bar that restarts at zero for each batch (and none at all for GANs and VAEs).
@@ -155,45 +157,6 @@ def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, 
                         desc="samples" if progress and several else "", dtype=torch.uint8, main_only=True)
     out_labels = (label_tensor.numpy() if label_tensor is not None else np.full(num, -1)).astype(np.int64)
     return None if flat is None else flat.reshape(num, *shape), out_labels
-
-
-def available_memory() -> int | None:
-    """Bytes a new allocation can take: Linux's MemAvailable, or less under a cgroup limit (SLURM's
-    --mem; MemAvailable shows the whole node); None where unknown."""
-    found = []
-    try:
-        with open("/proc/meminfo") as meminfo:
-            found += [int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")]
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
-    return min(found) if found else None
-
-
-def check_memory(num: int, shape: tuple[int, int, int], batch_size: int, accelerator=None) -> None:
-    """Refuse before sampling when the samples cannot be held: the buffers fill as batches finish,
-    so the OOM killer would otherwise end the job late, losing all of it. The main rank holds every
-    image, each process of the machine its own share; every rank votes, so all refuse together
-    (one refusing alone would leave the others waiting in a collective)."""
-    from genscale.metrics.sharded import any_rank
-
-    width = math.prod(shape)
-    world = 1 if accelerator is None else accelerator.num_processes
-    local = 1 if accelerator is None else int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    share = math.ceil(math.ceil(num / batch_size) / world) * min(batch_size, num) * width
-    need = share if world == 1 else num * width + local * share
-    available = available_memory()
-    short = available is not None and need > available
-    if any_rank(short, accelerator):
-        have = f"the {available / 2**30:.1f} GiB available" if short else "the memory another process has"
-        raise UserError(f"--num {num} samples of {shape[0]} x {shape[1]} x {shape[2]} need about "
-                        f"{need / 2**30:.1f} GiB of memory, more than {have}; draw fewer at a time "
-                        "(e.g. several runs with different --seed values)")
 
 
 def write_outputs(out: str, images: np.ndarray, labels: np.ndarray) -> list[Path]:

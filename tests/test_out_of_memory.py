@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genscale import sample
+from genscale import memory_check, sample
 from genscale.cli import out_of_memory, run_main
 from genscale.errors import UserError
 from tests.test_cli_errors_audit import cache, tiny_run  # noqa: F401 -- fixtures
@@ -13,7 +13,7 @@ from tests.test_cli_errors_audit import cache, tiny_run  # noqa: F401 -- fixture
 
 def test_samples_that_cannot_be_held_are_refused_before_sampling(tiny_run, tmp_path, monkeypatch):  # noqa: F811
     """Before, the OOM killer ended the job as the buffer filled, with all the samples drawn lost."""
-    monkeypatch.setattr(sample, "available_memory", lambda: 2**30)
+    monkeypatch.setattr(memory_check, "available_memory", lambda: 2**30)
     drawn = []
     monkeypatch.setattr(sample, "sharded_rows", lambda *a, **k: drawn.append(1))
     # 20M samples of 8 x 8 x 1 in one process: 64 bytes each = 1.19 GiB > 1 GiB
