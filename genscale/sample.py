@@ -154,7 +154,8 @@ def generate(run_dir: str, num: int, labels: str | None = "all", seed: int = 0, 
         return torch.from_numpy(to_uint8(images)).reshape(stop - start, -1)
 
     flat = sharded_rows(num, batch_size, math.prod(shape), draw, accelerator,
-                        desc="samples" if progress and several else "", dtype=torch.uint8, main_only=True)
+                        desc="samples" if progress and several else "", dtype=torch.uint8, main_only=True,
+                        leave=True)  # the count of images drawn stays on screen, as before
     out_labels = (label_tensor.numpy() if label_tensor is not None else np.full(num, -1)).astype(np.int64)
     return None if flat is None else flat.reshape(num, *shape), out_labels
 

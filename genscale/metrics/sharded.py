@@ -57,13 +57,15 @@ def any_rank(flag: bool, accelerator) -> bool:
 
 
 def sharded_rows(num: int, chunk_size: int, width: int, compute: ChunkFn, accelerator=None,
-                 desc: str = "", dtype: torch.dtype = torch.float64, main_only: bool = False) -> np.ndarray | None:
+                 desc: str = "", dtype: torch.dtype = torch.float64, main_only: bool = False,
+                 leave: bool = False) -> np.ndarray | None:
     """Rows (``num`` x ``width`` of ``dtype``: float64 for features, uint8 for images) in item
     order, computed chunk by chunk across ranks.
 
     ``accelerator`` None means one process. Every rank must call this with the same arguments.
     If ``compute`` raises on some rank, every rank raises (the failing rank its own error).
     ``main_only``: only the main rank gets the rows (the others None), so only it holds them all.
+    ``desc`` names a progress bar on rank 0 (none when empty), left on screen when ``leave``.
     """
     if num < 1 or chunk_size < 1:
         raise UserError(f"need at least one item and a positive chunk size, got {num} and {chunk_size}.")
@@ -73,7 +75,7 @@ def sharded_rows(num: int, chunk_size: int, width: int, compute: ChunkFn, accele
     per_rank = math.ceil(math.ceil(num / chunk_size) / world)
     rows = torch.zeros((per_rank * chunk_size, width), dtype=dtype)  # round j's chunk at row j * chunk_size
     error: BaseException | None = None
-    bar = tqdm(total=num, desc=desc, disable=not desc or rank != 0, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=num, desc=desc, disable=not desc or rank != 0, leave=leave, dynamic_ncols=True)
     try:
         for j, (k, start, stop) in enumerate(mine):
             out = compute(k, start, stop).detach().to("cpu", dtype)
