@@ -36,7 +36,7 @@ import os
 import numpy as np
 import torch
 
-from genscale.applications.task_args import TASKS, add_task_arguments, task_flags_given
+from genscale.applications.task_args import DEFAULT_NUM, TASKS, add_task_arguments, task_flags_given
 from genscale.applications.tasks import run_task
 from genscale.checkpoints import load_ema_weights
 from genscale.cli import ArgumentParser, output_files, run_main
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                                         ".webp); denoise and img2img default to the first --num held-out images")
     parser.add_argument("--mask", help="--task inpaint: MASKS.npz (arr_0 uint8 N x H x W, 1 = known, 0 = hole) or "
                                        "one black-and-white image (white = known) for every input image")
-    parser.add_argument("--num", type=int, default=64, help="number of samples")
+    parser.add_argument("--num", type=int, default=None, help=f"number of samples (default {DEFAULT_NUM})")
     parser.add_argument("--labels", default=None, help="'all', one class '3', or a list '0,1,2'")
     parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         from genscale.launch import new_accelerator
 
         accelerator = new_accelerator()
-    images, labels = generate(args.run, args.num, args.labels, args.seed, args.cfg_scale, args.sampler,
+    num = DEFAULT_NUM if args.num is None else args.num
+    images, labels = generate(args.run, num, args.labels, args.seed, args.cfg_scale, args.sampler,
                               args.sampling_steps, args.batch_size, progress=True, accelerator=accelerator)
     if images is not None:  # the main rank's (the others drew their share and handed it over)
         for path in write_outputs(args.out, images, labels):

@@ -230,6 +230,8 @@ def test_absurd_values_are_refused_and_nothing_is_written(run, argv, message, ru
     ("ddpm", ["--task", "inpaint", "--input", "{root}/images.npz", "--mask", "{root}/masks.npz", "--num", "2"],
      "--num does not apply to --task inpaint"),
     ("ddpm", ["--task", "denoise", "--input", "{root}/images.npz", "--num", "2"], "--num cannot be used with --input"),
+    # the default's own value, given: told apart from the default (it was taken for "not given")
+    ("ddpm", ["--task", "denoise", "--input", "{root}/images.npz", "--num", "64"], "--num cannot be used with --input"),
     ("denoiser", ["--task", "denoise", "--input", "{root}/images.npz", "--t", "3"],
      "--t does not apply to the denoiser"),
     ("denoiser", ["--task", "denoise", "--input", "{root}/images.npz", "--steps", "3"], "--steps does not apply"),

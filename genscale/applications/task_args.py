@@ -15,9 +15,10 @@ TASKS = ("denoise", "img2img", "inpaint", "anagram", "hybrid")
 ANAGRAM_LABELS, HYBRID_LABELS = "6,9", "3,9"
 
 
+DEFAULT_NUM = 64  # sample.py's --num when not given (its parser's default is None: "not given")
+
+
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
-    if parser.get_default("num") is not None:  # sample.py's: tells a --num given from the default
-        parser.set_defaults(num_default=parser.get_default("num"))
     g = parser.add_argument_group("applications (diffusion runs; see docs/applications.md)")
     g.add_argument("--t", type=int, default=None, help="denoise: the timestep to noise to (default T/2)")
     g.add_argument("--steps", type=int, default=None,
@@ -95,8 +96,15 @@ def refuse_unused_flags(args: argparse.Namespace, key: str, what: str) -> None:
 
 
 def num_given(args: argparse.Namespace) -> bool:
-    """Whether --num differs from sample.py's default (recorded by add_task_arguments)."""
-    return args.num != getattr(args, "num_default", args.num)
+    """Whether --num was given (sample.py's default is None, then DEFAULT_NUM: see take_num)."""
+    return getattr(args, "num_given", args.num is not None)
+
+
+def take_num(args: argparse.Namespace) -> None:
+    """Record whether --num was given, then put the default in its place."""
+    args.num_given = args.num is not None
+    if args.num is None:
+        args.num = DEFAULT_NUM
 
 
 def check_task_numbers(args: argparse.Namespace) -> None:

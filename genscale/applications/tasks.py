@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from genscale.applications.inputs import columns_grid, load_images, to_tensor, write_task_outputs
 from genscale.applications.task_args import (ANAGRAM_LABELS, HYBRID_LABELS, check_task_numbers, default_or_given,
-                                           labels_for, num_given, or_default, parse_floats, refuse_unused_flags)
+                                           labels_for, num_given, or_default, parse_floats, refuse_unused_flags,
+                                           take_num)
 from genscale.cli import output_files
 from genscale.errors import UserError
 from genscale.metrics.sharded import chunk_generator
@@ -26,6 +27,7 @@ def run_task(args: argparse.Namespace) -> list[Path]:
     from genscale.sample import load_family
 
     output_files(args.out)  # checked before the task, not after it
+    take_num(args)
     for flag, value in (("--num", args.num), ("--batch-size", args.batch_size), ("--steps", args.steps)):
         if value is not None and value < 1:  # None: the task's default
             raise UserError(f"{flag} must be at least 1, got {value}")
