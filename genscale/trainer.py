@@ -276,9 +276,8 @@ class Trainer:
             plot_losses(self.metrics.read(), self.out / "loss_curve.png")
             acc.print(f"finished {cfg.steps} step{'' if cfg.steps == 1 else 's'}; weights, grids and metrics are in {self.out}")
         if end_training:  # ends the trackers and the process group
-            # together: rank 1 used to tear its group down while rank 0 still drew the loss curve;
-            # one 2-process CPU run under CI load then aborted at exit ("terminate called without an
-            # active exception"), failing a finished run. The likely cause, not a proven one.
+            # together: a rank tearing it down while rank 0 drew the loss curve is the likely cause of
+            # one abort at exit seen in CI ("terminate called without an active exception")
             acc.wait_for_everyone()
             acc.end_training()
         else:  # a run follows in this launch (ldm after its autoencoder): keep the process group
