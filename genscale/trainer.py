@@ -276,8 +276,7 @@ class Trainer:
             plot_losses(self.metrics.read(), self.out / "loss_curve.png")
             acc.print(f"finished {cfg.steps} step{'' if cfg.steps == 1 else 's'}; weights, grids and metrics are in {self.out}")
         if end_training:  # ends the trackers and the process group
-            # together: a rank tearing it down while rank 0 drew the loss curve is the likely cause of
-            # one abort at exit seen in CI ("terminate called without an active exception")
+            # together (the likely cause of one abort at exit in CI: a rank tore it down mid-plot)
             acc.wait_for_everyone()
             acc.end_training()
         else:  # a run follows in this launch (ldm after its autoencoder): keep the process group
