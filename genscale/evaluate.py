@@ -43,6 +43,7 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 
 from genscale.cli import ArgumentParser, output_file  # noqa: E402
+from genscale.diffusion.samplers import SAMPLERS  # noqa: E402
 from genscale.errors import UserError  # noqa: E402
 from genscale.metrics.evaluation import DEFAULT_CHUNK, METRICS  # noqa: E402
 from genscale.metrics.features import FEATURES  # noqa: E402
@@ -299,7 +300,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--labels", default=None, help="class labels to draw (--run only; default 0..K-1 in turn)")
     parser.add_argument("--seed", type=int, default=0, help="sampling, mask and KID-subset seed")
     parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (--run only)")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="diffusion runs: the sampler")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None, help="diffusion runs: ddim, ddpm or dpm++2m")
     parser.add_argument("--sampling-steps", type=int, default=None, help="sampler steps (--run only)")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
                         help="samples per seeded chunk (part of what the samples are a function of)")

@@ -41,6 +41,7 @@ from genscale.applications.tasks import run_task
 from genscale.checkpoints import load_ema_weights
 from genscale.cli import ArgumentParser, output_files, run_main
 from genscale.config import RunConfig
+from genscale.diffusion.samplers import SAMPLERS
 from genscale.errors import UserError
 from genscale.families import family_module
 from genscale.families.base import DataInfo, Family
@@ -226,9 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num", type=int, default=None, help=f"number of samples (default {DEFAULT_NUM})")
     parser.add_argument("--labels", default=None, help="'all', one class '3', or a list '0,1,2'")
     parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None,
+                        help="ddim, ddpm (ancestral) or dpm++2m (DPM-Solver++: good in 10-20 steps); default the run's")
     parser.add_argument("--sampling-steps", type=int, default=None,
-                        help="diffusion steps: DDIM's, or with --sampler ddpm the respaced ancestral steps (default all)")
+                        help="model calls of ddim and dpm++2m, or with --sampler ddpm the respaced ancestral "
+                             "steps (default all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--out", required=True, help="FILE.png (grid), FILE.npz (arrays) or FILE (both)")

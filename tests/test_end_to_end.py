@@ -96,6 +96,8 @@ def test_sample_outputs_and_seed(reference_run, cache, tmp_path):
     assert (tmp_path / "a.png").is_file()
     proc = sample(tmp_path / "d.npz", "1", "--labels", "3", "--sampler", "ddpm")
     assert proc.returncode == 0 and np.load(tmp_path / "d.npz")["arr_1"].tolist() == [3] * 12
+    proc = sample(tmp_path / "f.npz", "1", "--sampler", "dpm++2m", "--sampling-steps", "8")
+    assert proc.returncode == 0 and np.load(tmp_path / "f.npz")["arr_0"].shape == (12, 8, 8, 1)
     bad = sample(tmp_path / "e.npz", "1", "--labels", "12")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 

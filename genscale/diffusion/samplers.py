@@ -27,6 +27,7 @@ from genscale.diffusion.guidance import ModelFn, guided_halves
 from genscale.diffusion.schedule import NoiseSchedule
 
 PREDICTIONS = ("eps", "v")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")  # dpm++2m: DPM-Solver++(2M), genscale/diffusion/dpm_solver.py
 SEED_BOUND = 2**62  # seeds lie in [0, 2**62): positive in int64 and inside Philox's [0, 2**63)
 
 
@@ -121,7 +122,8 @@ def eps_from_prediction(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Ten
     raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
 
 
-def _check(prediction: str, eta: float = 0.0) -> None:
+def check_sampler_args(prediction: str, eta: float = 0.0) -> None:
+    """ValueError for a prediction type no sampler knows, or a negative eta."""
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     if eta < 0:
@@ -168,7 +170,7 @@ def ddpm_sample(model_fn: ModelFn, shape: tuple[int, ...], schedule: NoiseSchedu
     ``steps`` None runs all T steps (DDPM); fewer runs the respaced process on
     ``strided_timesteps(T, steps)``. Returns float32 samples of ``shape`` on ``device``.
     """
-    _check(prediction)
+    check_sampler_args(prediction)
     timesteps = strided_timesteps(schedule.timesteps, steps or schedule.timesteps)
     return _reverse_process(model_fn, tuple(shape), schedule, timesteps, "ddpm", eta=1.0, clip_x0=clip_x0,
                             labels=labels, num_classes=num_classes, cfg_scale=cfg_scale, prediction=prediction,
@@ -183,7 +185,7 @@ def ddim_sample(model_fn: ModelFn, shape: tuple[int, ...], schedule: NoiseSchedu
                 device: torch.device | str = "cpu", progress: bool = False,
                 x_T: torch.Tensor | None = None) -> torch.Tensor:
     """DDIM (Song et al.) on ``strided_timesteps(T, steps)``; eta = 0 is deterministic given x_T."""
-    _check(prediction, eta)
+    check_sampler_args(prediction, eta)
     timesteps = strided_timesteps(schedule.timesteps, steps)
     return _reverse_process(model_fn, tuple(shape), schedule, timesteps, "ddim", eta=float(eta), clip_x0=clip_x0,
                             labels=labels, num_classes=num_classes, cfg_scale=cfg_scale, prediction=prediction,

@@ -27,7 +27,7 @@ FAMILIES: dict[str, str] = {
 }
 
 DESCRIPTIONS: dict[str, str] = {
-    "ddpm": "denoising diffusion (DDPM/DDIM samplers, classifier-free guidance)",
+    "ddpm": "denoising diffusion (DDPM, DDIM and DPM-Solver++ samplers, classifier-free guidance)",
     "gan": "MLP GAN on flattened images (BCE, Adam 2e-4, betas 0.5/0.999)",
     "dcgan": "DCGAN: convolutional GAN sized from the image size",
     "cgan": "class-conditional GAN (N+1-way discriminator, or --discriminator binary)",
