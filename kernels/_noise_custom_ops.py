@@ -73,46 +73,49 @@ q_sample_op.register_autograd(_q_backward, setup_context=_q_setup)
 
 @torch.library.custom_op(f"{_LIB}::eps_loss", mutates_args=())
 def eps_loss_op(pred: torch.Tensor, seed: int, offset: int, l1: bool,
-                seed_t: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return launchers.eps_loss(pred, _seed(seed, seed_t), offset, l1)
+                seed_t: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return launchers.eps_loss(pred, _seed(seed, seed_t), offset, l1, weight)
 
 
 @eps_loss_op.register_fake
-def _(pred, seed, offset, l1, seed_t=None):
+def _(pred, seed, offset, l1, seed_t=None, weight=None):
     return pred.new_empty((), dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{_LIB}::eps_loss_backward", mutates_args=())
 def eps_loss_backward_op(grad: torch.Tensor, pred: torch.Tensor, seed: int, offset: int, l1: bool,
-                         seed_t: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return launchers.eps_loss_backward(grad, pred, _seed(seed, seed_t), offset, l1)
+                         seed_t: Optional[torch.Tensor] = None,
+                         weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return launchers.eps_loss_backward(grad, pred, _seed(seed, seed_t), offset, l1, weight)
 
 
 @eps_loss_backward_op.register_fake
-def _(grad, pred, seed, offset, l1, seed_t=None):
+def _(grad, pred, seed, offset, l1, seed_t=None, weight=None):
     return _empty_like_viewable(pred)
 
 
 def _loss_setup(ctx, inputs, output) -> None:
     """A seed tensor is saved like pred: changing it in place before the backward (which draws eps
-    again from it) makes autograd refuse, instead of regenerating another eps."""
+    again from it) makes autograd refuse, instead of regenerating another eps. So is the weight."""
     pred, seed, offset, l1 = inputs[:4]
     seed = _seed(seed, inputs[4] if len(inputs) > 4 else None)
-    ctx.seed_is_tensor = torch.is_tensor(seed)
-    ctx.save_for_backward(pred, seed) if ctx.seed_is_tensor else ctx.save_for_backward(pred)
+    weight = inputs[5] if len(inputs) > 5 else None
+    ctx.seed_is_tensor, ctx.has_weight = torch.is_tensor(seed), weight is not None
+    ctx.save_for_backward(pred, *([seed] if ctx.seed_is_tensor else []), *([weight] if ctx.has_weight else []))
     ctx.seed, ctx.offset, ctx.l1 = (None if ctx.seed_is_tensor else seed), offset, l1
     ctx.num_inputs = len(inputs)
 
 
-def _loss_saved(ctx) -> tuple[torch.Tensor, int | torch.Tensor]:
+def _loss_saved(ctx) -> tuple[torch.Tensor, int | torch.Tensor, Optional[torch.Tensor]]:
     saved = ctx.saved_tensors
-    return saved[0], (saved[1] if ctx.seed_is_tensor else ctx.seed)
+    seed = saved[1] if ctx.seed_is_tensor else ctx.seed
+    return saved[0], seed, (saved[-1] if ctx.has_weight else None)
 
 
 def _loss_backward(ctx, grad):
-    pred, seed = _loss_saved(ctx)
+    pred, seed, weight = _loss_saved(ctx)
     int_seed, seed_t = _split_seed(seed)
-    dpred = eps_loss_backward_op(grad, pred, int_seed, ctx.offset, ctx.l1, seed_t)
+    dpred = eps_loss_backward_op(grad, pred, int_seed, ctx.offset, ctx.l1, seed_t, weight)
     # create_graph=True: refused with the direct route's error (not the missing backward-of-backward op's)
     return (first_order_only(dpred, grad, pred),) + (None,) * (ctx.num_inputs - 1)
 
@@ -163,15 +166,15 @@ class _QSampleDirect(torch.autograd.Function):
 
 class _EpsLossDirect(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pred, seed, offset, l1):
-        _loss_setup(ctx, (pred, seed, offset, l1), None)
-        return launchers.eps_loss(pred, seed, offset, l1)
+    def forward(ctx, pred, seed, offset, l1, weight):
+        _loss_setup(ctx, (pred, seed, offset, l1, None, weight), None)
+        return launchers.eps_loss(pred, seed, offset, l1, weight)
 
     @staticmethod
     def backward(ctx, grad):
-        pred, seed = _loss_saved(ctx)
-        dpred = launchers.eps_loss_backward(grad, pred, seed, ctx.offset, ctx.l1)
-        return first_order_only(dpred, grad, pred), None, None, None
+        pred, seed, weight = _loss_saved(ctx)
+        dpred = launchers.eps_loss_backward(grad, pred, seed, ctx.offset, ctx.l1, weight)
+        return first_order_only(dpred, grad, pred), None, None, None, None
 
 
 def call_philox_normal(like, seed, offset, dtype):
@@ -188,11 +191,11 @@ def call_q_sample(x0, noise, t, abar, seed, offset):
     return _QSampleDirect.apply(x0, noise, t, abar, seed, offset)
 
 
-def call_eps_loss(pred, seed, offset, l1):
+def call_eps_loss(pred, seed, offset, l1, weight=None):
     if compiling():
         int_seed, seed_t = _split_seed(seed)
-        return eps_loss_op(pred, int_seed, offset, l1, seed_t)
-    return _EpsLossDirect.apply(pred, seed, offset, l1)
+        return eps_loss_op(pred, int_seed, offset, l1, seed_t, weight)
+    return _EpsLossDirect.apply(pred, seed, offset, l1, weight)
 
 
 def call_ddpm_step(*args):

@@ -142,7 +142,15 @@ def q_sample(x0: torch.Tensor, noise: Optional[torch.Tensor], t: torch.Tensor, a
     return out
 
 
-def eps_loss(pred: torch.Tensor, seed: int | torch.Tensor, offset: int, l1: bool) -> torch.Tensor:
+def _weight(weight: Optional[torch.Tensor], pred: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The per-sample weights as the kernels read them (fp32, contiguous), or pred as a placeholder."""
+    if weight is None:
+        return pred, False
+    return weight.to(device=pred.device, dtype=torch.float32).contiguous(), True
+
+
+def eps_loss(pred: torch.Tensor, seed: int | torch.Tensor, offset: int, l1: bool,
+             weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     from kernels import _noise_triton as k
 
     pred, lay = _launch_view(pred, draws=True)
@@ -151,14 +159,15 @@ def eps_loss(pred: torch.Tensor, seed: int | torch.Tensor, offset: int, l1: bool
     grid = lay.grid
     part = torch.empty(grid[0] * grid[1] * grid[2], device=pred.device, dtype=torch.float32)
     rng, seed_ptr = _rng(seed, offset, pred.device)
-    k.eps_loss_fwd_kernel[grid](pred, part, lay.c, lay.s, _cdiv(lay.s, 4), *rng, *lay.strides,
-                                L1=l1, enable_fp_fusion=False, **seed_ptr, **lay.meta)
+    w, has_weight = _weight(weight, pred)
+    k.eps_loss_fwd_kernel[grid](pred, w, part, lay.c, lay.s, _cdiv(lay.s, 4), *rng, *lay.strides,
+                                L1=l1, HAS_WEIGHT=has_weight, enable_fp_fusion=False, **seed_ptr, **lay.meta)
     # Partial sums added in a fixed order (fp64): deterministic and accurate.
     return part.sum(dtype=torch.float64).div_(pred.numel()).to(torch.float32)
 
 
 def eps_loss_backward(grad: torch.Tensor, pred: torch.Tensor, seed: int | torch.Tensor, offset: int,
-                      l1: bool) -> torch.Tensor:
+                      l1: bool, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     from kernels import _noise_triton as k
 
     pred, lay = _launch_view(pred, draws=True)
@@ -167,8 +176,9 @@ def eps_loss_backward(grad: torch.Tensor, pred: torch.Tensor, seed: int | torch.
         return out
     g = grad.to(device=pred.device, dtype=torch.float32).reshape(())
     rng, seed_ptr = _rng(seed, offset, pred.device)
-    k.eps_loss_bwd_kernel[lay.grid](pred, g, out, 1.0 / pred.numel(), lay.c, lay.s, _cdiv(lay.s, 4),
-                                    *rng, *lay.strides, *lay.out_strides, L1=l1,
+    w, has_weight = _weight(weight, pred)
+    k.eps_loss_bwd_kernel[lay.grid](pred, w, g, out, 1.0 / pred.numel(), lay.c, lay.s, _cdiv(lay.s, 4),
+                                    *rng, *lay.strides, *lay.out_strides, L1=l1, HAS_WEIGHT=has_weight,
                                     enable_fp_fusion=False, **seed_ptr, **lay.meta)
     return out
 

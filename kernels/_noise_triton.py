@@ -163,10 +163,11 @@ def q_sample_kernel(x_ptr, e_ptr, out_ptr, t_ptr, abar_ptr, T, C, S, SQ, k0, k1,
 
 
 @triton.jit(do_not_specialize=_RNG_ARGS)
-def eps_loss_fwd_kernel(p_ptr, part_ptr, C, S, SQ, k0, k1, o0, o1, spn, spc, sps,
-                        L1: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+def eps_loss_fwd_kernel(p_ptr, w_ptr, part_ptr, C, S, SQ, k0, k1, o0, o1, spn, spc, sps,
+                        L1: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                         FAST_MATH: tl.constexpr, SEED_PTR: tl.constexpr):
-    """One partial sum of (pred - eps)^2 or |pred - eps| per program; the host adds them in order."""
+    """One partial sum of (pred - eps)^2 or |pred - eps| per program, times the sample's weight
+    (a program's tile lies in one sample); the host adds them in order."""
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
     k0, k1, o0, o1 = _rng_key(k0, k1, o0, o1, SEED_PTR)
     eps = _normal_tile(k0, k1, o0, o1, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4),
@@ -178,15 +179,18 @@ def eps_loss_fwd_kernel(p_ptr, part_ptr, C, S, SQ, k0, k1, o0, o1, spn, spc, sps
     else:
         v = d * d
     pid = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
-    tl.store(part_ptr + pid, tl.reduce(tl.reduce(v, 1, _sum), 0, _sum))
+    total = tl.reduce(tl.reduce(v, 1, _sum), 0, _sum)
+    if HAS_WEIGHT:
+        total = total * tl.load(w_ptr + n).to(tl.float32)
+    tl.store(part_ptr + pid, total)
 
 
 @triton.jit(do_not_specialize=_RNG_ARGS)
-def eps_loss_bwd_kernel(p_ptr, g_ptr, dp_ptr, scale, C, S, SQ, k0, k1, o0, o1,
+def eps_loss_bwd_kernel(p_ptr, w_ptr, g_ptr, dp_ptr, scale, C, S, SQ, k0, k1, o0, o1,
                         spn, spc, sps, son, soc, sos,
-                        L1: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                        L1: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                         FAST_MATH: tl.constexpr, SEED_PTR: tl.constexpr):
-    """dpred = g * scale * (2 (pred - eps) | sign(pred - eps)); eps drawn again, never stored."""
+    """dpred = g * scale * w[n] * (2 (pred - eps) | sign(pred - eps)); eps drawn again, never stored."""
     n, c, s, mask = _tile(C, S, BLOCK_C, BLOCK_S)
     k0, k1, o0, o1 = _rng_key(k0, k1, o0, o1, SEED_PTR)
     eps = _normal_tile(k0, k1, o0, o1, n, c, C, SQ, tl.program_id(0) * (BLOCK_S // 4),
@@ -194,6 +198,8 @@ def eps_loss_bwd_kernel(p_ptr, g_ptr, dp_ptr, scale, C, S, SQ, k0, k1, o0, o1,
     p = tl.load(p_ptr + n * spn + c[:, None] * spc + s[None, :] * sps, mask=mask, other=0.0).to(tl.float32)
     d = p - eps
     g = tl.load(g_ptr).to(tl.float32) * scale
+    if HAS_WEIGHT:
+        g = g * tl.load(w_ptr + n).to(tl.float32)
     if L1:
         dp = tl.where(d > 0, g, tl.where(d < 0, -g, 0.0))
     else:

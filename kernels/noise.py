@@ -168,22 +168,33 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor | int, alphas_cumprod: torch.Tens
     return _as_layout_of(xt, x0)
 
 
-def eps_loss(pred: torch.Tensor, seed: int | torch.Tensor, offset: int = 0, kind: str = "l2") -> torch.Tensor:
+def eps_loss(pred: torch.Tensor, seed: int | torch.Tensor, offset: int = 0, kind: str = "l2",
+             weight: torch.Tensor | None = None) -> torch.Tensor:
     """mean((pred - eps)^2) (``kind="l2"``) or mean(|pred - eps|) with eps regenerated from (seed, offset).
 
     eps is the one q_sample drew with the same (seed, offset) for a tensor of pred's shape; it is
-    drawn again in the backward pass instead of being stored. Returns a scalar: fp32 (fp64 for
-    fp64 pred); NaN for an empty pred, as torch's mean. The Triton path's gradient is first-order
-    only (differentiating it again raises; see kernels/_autograd.py).
+    drawn again in the backward pass instead of being stored. ``weight`` ([N], one per sample, e.g.
+    min-SNR weights) multiplies each sample's terms inside the mean; it is a constant (no gradient
+    flows to it). Returns a scalar: fp32 (fp64 for fp64 pred); NaN for an empty pred, as torch's
+    mean. The Triton path's gradient is first-order only (differentiating it again raises; see
+    kernels/_autograd.py).
     """
     _check_like(pred)
     seed, offset = check_seed_offset(seed, offset)
     if kind not in _LOSSES:
         raise ValueError(f"kind must be 'l1' or 'l2'; got {kind!r}")
+    if weight is not None:
+        if weight.shape != (pred.shape[0],) or not weight.is_floating_point():
+            raise ValueError(f"weight must be a floating tensor of shape [{pred.shape[0]}] (one per sample); "
+                             f"got {tuple(weight.shape)} {weight.dtype}")
+        weight = weight.detach().to(pred.device)
     if use_triton(pred) and pred.dtype != torch.float64:
-        return _noise_custom_ops.call_eps_loss(pred, seed, offset, kind == "l1")
+        return _noise_custom_ops.call_eps_loss(pred, seed, offset, kind == "l1", weight)
     d = pred.to(_compute_dtype(pred)) - _draws(pred, seed, offset)
-    return d.abs().mean() if kind == "l1" else (d * d).mean()
+    per_element = d.abs() if kind == "l1" else d * d
+    if weight is not None:
+        per_element = per_element * _per_sample(weight.to(per_element.dtype), per_element)
+    return per_element.mean()
 
 
 def _previous(abar: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor) -> torch.Tensor:

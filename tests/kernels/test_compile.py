@@ -85,6 +85,8 @@ def test_custom_op_registrations(device):
     seed = torch.tensor([2**40 + 3], device=device)  # the seed as a tensor (seed_t)
     torch.library.opcheck(_noise_custom_ops.q_sample_op, (x, None, t, abar, 0, 4, seed))
     torch.library.opcheck(_noise_custom_ops.eps_loss_op, (x, 0, 4, True, seed))
+    torch.library.opcheck(_noise_custom_ops.eps_loss_op, (x, 0, 4, False, None, torch.rand(2, device=device)))
+    torch.library.opcheck(_noise_custom_ops.eps_loss_op, (x, 0, 4, True, seed, torch.rand(2, device=device)))
     torch.library.opcheck(_noise_custom_ops.philox_normal_op, (xd, 0, 4, torch.bfloat16, seed))
     torch.library.opcheck(_noise_custom_ops.ddpm_step_op, (xd, xd, None, 1.0, t, t - 1, abar, False, True, 0, 4, seed))
     torch.library.opcheck(_noise_custom_ops.ddim_step_op, (xd, xd, xd, 2.0, t, t - 1, abar, 1.0, True, 0, 4, seed))
