@@ -1,10 +1,13 @@
 """One whole U-Net training step (DDPM's CIFAR-10 U-Net): eager, torch.compile, and the fused kernels.
 
 The step: noise x0 at random t, predict eps, MSE loss, backward, Adam. bf16 autocast and
-channels_last on CUDA. "eager" and "compile" use eager GroupNorm (GENSCALE_KERNELS=eager) and the
-usual randn + formula noising; "triton" uses the fused GroupNorm+SiLU and the fused noising and
-loss kernels; "triton+compile" compiles the latter (the kernels stay opaque custom ops);
-"triton+inline" compiles it with GroupNorm as a triton op that Inductor launches itself.
+channels_last on CUDA (what train.py runs there by default); the "-nchw" variants ("eager-nchw",
+"triton-nchw" and their "+graph") run the same step in NCHW, which tells whether channels_last is
+the faster default (on the CPU every variant runs NCHW already). "eager" and "compile" use eager
+GroupNorm (GENSCALE_KERNELS=eager) and the usual randn + formula noising; "triton" uses the fused
+GroupNorm+SiLU and the fused noising and loss kernels; "triton+compile" compiles the latter (the
+kernels stay opaque custom ops); "triton+inline" compiles it with GroupNorm as a triton op that
+Inductor launches itself.
 MFU = model FLOPs per step (counted by torch's FlopCounterMode) / step time / the datasheet
 bf16 dense peak (also given against the bf16 matrix-product rate measured in this run).
 """
@@ -54,11 +57,11 @@ class Objective(nn.Module):
         return F.mse_loss(self.unet(xt, t).float(), eps)
 
 
-def _build(device: torch.device, fused: bool, compiled: bool, graphed: bool = False):
+def _build(device: torch.device, fused: bool, compiled: bool, graphed: bool = False, nchw: bool = False):
     from genscale.models.unet import UNet
 
     torch.manual_seed(0)
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    fmt = torch.channels_last if device.type == "cuda" and not nchw else torch.contiguous_format
     unet = UNet(3, 3, **CONFIG).to(device=device, memory_format=fmt)
     objective = Objective(unet, device, fused)
     # graphed: the harness captures whole steps in a CUDA graph, so Adam keeps its step count on the
@@ -105,10 +108,12 @@ def flops_per_step(device) -> float:
 # 27.7 ms of GPU time, torch.profiler), so these variants compare the GPU work side by side.
 # "triton+inline": triton+compile with GENSCALE_COMPILE_KERNELS=inline (GroupNorm as a triton op that
 # Inductor launches itself instead of an opaque custom op; kernels/_group_norm_inline.py).
-# Run order: the cheap and never-measured "+graph" variants before the compiled ones, so that a
-# stage cut at its time limit loses compiled variants rather than the CUDA-graph comparison.
-VARIANTS = ["eager", "triton", "eager+graph", "triton+graph", "compile", "compile+graph", "triton+compile",
-            "triton+inline", "fallback"]
+# "-nchw": the same step with the network and x0 in NCHW instead of channels_last (CUDA only).
+# Run order: the cheap and never-measured "+graph" and "-nchw" variants before the compiled ones, so
+# that a stage cut at its time limit loses compiled variants rather than the CUDA-graph and layout
+# comparisons.
+VARIANTS = ["eager", "triton", "eager+graph", "triton+graph", "eager-nchw", "triton-nchw", "eager-nchw+graph",
+            "triton-nchw+graph", "compile", "compile+graph", "triton+compile", "triton+inline", "fallback"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -118,8 +123,12 @@ def test_unet_training_step(benchmark, device, facts, record, monkeypatch, flops
         pytest.skip(f"not in BENCH_UNET_VARIANTS={only}")
     graphed = variant.endswith("+graph")
     base = variant.removesuffix("+graph")
+    nchw = base.endswith("-nchw")
+    base = base.removesuffix("-nchw")
     if graphed and device.type != "cuda":
         pytest.skip("CUDA graphs need CUDA")
+    if nchw and device.type != "cuda":
+        pytest.skip("on the CPU every variant runs NCHW already ('eager' is this step)")
     if base == "fallback" and device.type == "cuda":
         pytest.skip("the eager fallback serves non-CUDA tensors; on CUDA the baseline is 'eager'")
     if base.startswith("triton") and device.type != "cuda":
@@ -128,7 +137,8 @@ def test_unet_training_step(benchmark, device, facts, record, monkeypatch, flops
     monkeypatch.setenv("GENSCALE_KERNELS", {"eager": "eager", "compile": "eager", "fallback": "auto"}.get(base, "triton"))
     monkeypatch.setenv("GENSCALE_COMPILE_KERNELS", "inline" if base == "triton+inline" else "opaque")
     torch._dynamo.reset()
-    step, args = _build(device, fused=fused, compiled="compile" in base or base == "triton+inline", graphed=graphed)
+    step, args = _build(device, fused=fused, compiled="compile" in base or base == "triton+inline", graphed=graphed,
+                        nchw=nchw)
     per_step, method = measure(benchmark, step, [args], device, use_graph=graphed)
     if graphed and method != "graph":
         pytest.fail(f"the training step could not be captured: {benchmark.extra_info.get('graph_capture_error')}")
@@ -140,6 +150,7 @@ def test_unet_training_step(benchmark, device, facts, record, monkeypatch, flops
         mfu=flops_per_step / per_step / peak if peak else None,
         mfu_vs_measured_matmul=flops_per_step / per_step / measured if measured else None,
         batch=BATCH,
+        memory_format="channels_last" if device.type == "cuda" and not nchw else "nchw",
         config={k: list(v) if isinstance(v, tuple) else v for k, v in CONFIG.items()},
     )
     record(Record("unet", f"train step b{BATCH} {CONFIG['image_size']}px w{CONFIG['base_width']}", variant,

@@ -168,7 +168,9 @@ def is_legacy(path: Path) -> bool:
 
 
 def save_ema_weights(path: Path, ema_state: dict[str, dict[str, torch.Tensor]]) -> None:
-    torch.save({name: {k: v.detach().cpu() for k, v in sd.items()} for name, sd in ema_state.items()},
+    # contiguous: a channels_last run's weights are saved in the NCHW layout that sample.py and
+    # evaluate.py build, so the file does not depend on the layout the run trained in
+    torch.save({name: {k: v.detach().cpu().contiguous() for k, v in sd.items()} for name, sd in ema_state.items()},
                path / "ema.pt")
 
 

@@ -48,6 +48,7 @@ class TrainConfig:
     shuffle_buffer: int = 1000
     batches_per_epoch: int = 100  # per process; every rank reads exactly this many per epoch
     flip: bool = False  # random horizontal flips (off by default: they change digits)
+    channels_last: bool | None = None  # NHWC networks and batches; None (not given): on with CUDA
     log_with: str = ""  # "", "tensorboard" or "wandb"
     cache_dir: str = ""  # embedded datasets and judges; default $GENSCALE_CACHE or ~/.cache/genscale
     eval_every: int = 0  # evaluate every N optimizer steps on all ranks (0 = never)
@@ -73,6 +74,8 @@ COMMON_HELP = {
     "eval_num": "samples per evaluation, all ranks together",
     "eval_features": "judge (offline) or inception (clean-fid's weights)",
     "keep_best": "also keep the checkpoint with the best evaluation score in checkpoints/best",
+    "channels_last": "convolutional networks and image batches in channels_last (NHWC) memory "
+                     "(default: on with CUDA, off otherwise)",
 }
 
 
@@ -105,7 +108,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": helps.get(f.name)}
-        if tp is bool:
+        if _converter(tp) is bool:  # a switch; bool | None: None (not given) lets the run decide
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
         else:
             parser.add_argument(_flag(f.name), type=_converter(tp), metavar=f.name.upper(), **kwargs)
@@ -206,6 +209,9 @@ def _coerce(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
         if f.name not in values:
             continue
         v = values[f.name]
+        if v is None and f.default is None:  # bool | None (--channels-last): null is "not given", as in the
+            out[f.name] = None               # config.json of a run recorded before the run resolved it
+            continue
         if v is None:
             raise _no_value(f.name, source)
         conv = _converter(hints[f.name])

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast
 from tqdm.auto import tqdm
 
-from genscale import checkpoints as ckpt
+from genscale import checkpoints as ckpt, memory_layout
 from genscale.config import RunConfig
 from genscale.ema import EMA
 from genscale.errors import UserError
@@ -93,6 +93,7 @@ class Trainer:
             raise UserError(f"fp16 with --grad-accum {self.cfg.grad_accum} is not supported for {family.name or 'a model'} "
                             "(two optimizers share one gradient scaler); use bf16 or --grad-accum 1")
 
+        self.batch_format = memory_layout.setup(self.cfg, family, accelerator.device)  # before prepare and EMA
         names, opt_names = list(family.nets), list(family.optimizers)
         prepared = accelerator.prepare(*[family.nets[n] for n in names],
                                        *[family.optimizers[n] for n in opt_names])
@@ -224,8 +225,7 @@ class Trainer:
             for micro in range(cfg.grad_accum):
                 batch = next(stream)
                 skipped += int(batch.pop("skipped", 0))
-                batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v
-                         for k, v in batch.items()}
+                batch = memory_layout.batch_to(batch, acc.device, self.batch_format)
                 torch.manual_seed(step_seed(cfg.seed, acc.process_index, step, micro))
                 with acc.accumulate(*self.family.nets.values()):
                     logs.add(step + 1, self.family.training_step(batch, self.optimize))
