@@ -1,4 +1,5 @@
-"""The denoising training objective (Ho et al. 2020; v-prediction from Salimans & Ho 2022)."""
+"""The denoising training objective (Ho et al. 2020; v-prediction from Salimans & Ho 2022), and
+min-SNR-gamma loss weighting (Hang et al. 2023)."""
 from __future__ import annotations
 
 import torch
@@ -9,10 +10,27 @@ from genscale.diffusion.schedule import NoiseSchedule
 LOSSES = ("l2", "l1")
 
 
+def min_snr_weights(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Per-sample loss weights [N] (float64) that weight the x0 error by min(SNR_t, gamma).
+
+    Hang et al. 2023: the timesteps' losses conflict, and capping the x0-error weight at gamma
+    (they use 5) trains faster. An eps error is the x0 error times sqrt(SNR) (x0 = (x_t - sigma eps)
+    / alpha), so the eps loss takes min(SNR, gamma) / SNR; a v error is the x0 error times
+    sqrt(SNR + 1) (x0 = alpha x_t - sigma v, sigma^2 = 1 / (SNR + 1)), so the v loss takes
+    min(SNR, gamma) / (SNR + 1).
+    """
+    abar = schedule.alphas_cumprod.to(t.device)[t]
+    snr = abar / (1.0 - abar)
+    capped = snr.clamp(max=gamma)
+    return capped / snr if prediction == "eps" else capped / (snr + 1.0)
+
+
 def diffusion_loss(model_fn: ModelFn, x0: torch.Tensor, labels: torch.Tensor | None,
                    schedule: NoiseSchedule, *, prediction: str = "eps", loss: str = "l2",
-                   generator: torch.Generator | None = None, t: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over the batch of |target - model_fn(x_t, t, labels)|^2 (or |.|), a scalar.
+                   generator: torch.Generator | None = None, t: torch.Tensor | None = None,
+                   snr_gamma: float = 0.0) -> torch.Tensor:
+    """Mean over the batch of |target - model_fn(x_t, t, labels)|^2 (or |.|), a scalar; with
+    ``snr_gamma`` > 0 each sample's terms weighted by ``min_snr_weights``.
 
     t ~ U{0, ..., T-1} per sample (unless given) and eps ~ N(0, I); x_t = q_sample(x0, t, eps).
     The target is eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0. With a ``generator`` the
@@ -32,4 +50,8 @@ def diffusion_loss(model_fn: ModelFn, x0: torch.Tensor, labels: torch.Tensor | N
     x_t = schedule.q_sample(x0, t, eps)
     target = eps if prediction == "eps" else schedule.v_target(x0, t, eps)
     error = model_fn(x_t, t, labels).float() - target.float()
-    return error.square().mean() if loss == "l2" else error.abs().mean()
+    per_element = error.square() if loss == "l2" else error.abs()
+    if snr_gamma > 0:
+        weight = min_snr_weights(schedule, t, snr_gamma, prediction).float()
+        per_element = per_element * weight.view(-1, *([1] * (per_element.dim() - 1)))
+    return per_element.mean()

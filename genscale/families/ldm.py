@@ -166,7 +166,7 @@ class LDM(Family):
             drop = torch.rand(labels.shape, device=labels.device) < self.opts.cond_drop
             labels = torch.where(drop | (batch["label"] < 0), torch.full_like(labels, self.num_classes), labels)
         loss = diffusion_loss(self._model_fn, z0, labels, self.schedule, prediction=self.opts.prediction,
-                              loss=self.opts.loss)
+                              loss=self.opts.loss, snr_gamma=self.opts.snr_gamma)
         optimize(loss, "model")
         return {"loss": loss.detach()}
 
