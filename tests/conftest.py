@@ -8,6 +8,18 @@ import pytest
 import torch
 
 
+@pytest.fixture
+def fresh_accelerate_state() -> Iterator[None]:
+    """Accelerate's process-wide state reset around a test that builds its own Accelerator."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(scope="module")
 def eval_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """GENSCALE_CACHE for the evaluation tests, set for the whole test module.

@@ -45,13 +45,7 @@ DDPM = family_module("ddpm").FAMILY
 RESUME, STEP = Trainer.resume, DDPM.training_step
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def weights(net: torch.nn.Module) -> torch.Tensor:

@@ -17,13 +17,7 @@ from genscale.trainer import Trainer
 from tests.toy_family import ToyFamily, stream_factory, toy_run
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def train_toy(out, family_hook=None, deferred: bool = False, **overrides) -> tuple[Trainer, int]:
