@@ -93,7 +93,7 @@ LAYOUT_PAIRS = (("eager", "eager-nchw"), ("triton", "triton-nchw"), ("eager+grap
 
 
 def _layout_speedups(v: dict[str, dict[str, Any]]) -> list[str]:
-    """How much faster each U-Net step runs in channels_last (train.py's default on CUDA) than in
+    """How much faster each U-Net step runs in channels_last (train.py --channels-last) than in
     NCHW, where both were timed the same way: a finding, not a target."""
     found = [f"{cl} {_ratio(v[cl]['time_s'], v[nchw]['time_s']):.2f}x" for cl, nchw in LAYOUT_PAIRS
              if _comparable(v.get(cl), v.get(nchw))]

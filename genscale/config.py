@@ -48,7 +48,7 @@ class TrainConfig:
     shuffle_buffer: int = 1000
     batches_per_epoch: int = 100  # per process; every rank reads exactly this many per epoch
     flip: bool = False  # random horizontal flips (off by default: they change digits)
-    channels_last: bool | None = None  # NHWC networks and batches; None (not given): on with CUDA
+    channels_last: bool | None = None  # NHWC networks and batches; None (not given): off for now
     log_with: str = ""  # "", "tensorboard" or "wandb"
     cache_dir: str = ""  # embedded datasets and judges; default $GENSCALE_CACHE or ~/.cache/genscale
     eval_every: int = 0  # evaluate every N optimizer steps on all ranks (0 = never)
@@ -75,7 +75,7 @@ COMMON_HELP = {
     "eval_features": "judge (offline) or inception (clean-fid's weights)",
     "keep_best": "also keep the checkpoint with the best evaluation score in checkpoints/best",
     "channels_last": "convolutional networks and image batches in channels_last (NHWC) memory "
-                     "(default: on with CUDA, off otherwise)",
+                     "(default off: its gain on GPUs is not measured yet)",
 }
 
 

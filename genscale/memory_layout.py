@@ -2,9 +2,9 @@
 
 cuDNN's bf16 tensor-core convolutions run NHWC natively (NCHW tensors may be transposed around
 them) and the fused GroupNorm+SiLU and noising kernels (kernels/) read channels_last without a
-copy, so ``--channels-last`` is on by default with CUDA and off elsewhere (CPU convolutions take
-either layout; the tests force it on a CPU). benchmarks/test_bench_unet.py's "-nchw" variants
-measure the U-Net step in both layouts.
+copy, so ``--channels-last`` may well be the faster layout on CUDA; it is off unless asked for
+until benchmarks/test_bench_unet.py's "-nchw" variants have measured the U-Net step in both
+layouts on a GPU (CPU convolutions take either layout; the tests force it on a CPU).
 
 The layout is not part of the model: a checkpoint holds values, not strides, and any run may
 resume any checkpoint. Loading copies values into the tensors of the run that loads them, and
@@ -26,8 +26,11 @@ if TYPE_CHECKING:
 
 
 def resolve(requested: bool | None, device: torch.device) -> bool:
-    """``--channels-last`` as given, or when not given (None) whether ``device`` is CUDA."""
-    return device.type == "cuda" if requested is None else bool(requested)
+    """``--channels-last`` as given; when not given (None), off for now. The layout's gain on CUDA
+    is not measured yet, and the fused GroupNorm measured slower on channels_last than on NCHW at
+    C = 128 (benchmarks/results/2026-11-22-h100): the U-Net benchmark's "-nchw" variants decide
+    whether None should mean ``device.type == "cuda"``."""
+    return False if requested is None else bool(requested)
 
 
 def _has_image_weights(nets: dict[str, nn.Module]) -> bool:

@@ -238,7 +238,7 @@ def train_autoencoder_first(run: RunConfig) -> str | None:
             "--out", str(out)]
     if cfg.log_with:
         argv += ["--log-with", cfg.log_with]
-    if cfg.channels_last is not None:  # not given: the autoencoder's run decides from its device too
+    if cfg.channels_last is not None:  # not given: the autoencoder's run takes the default too
         argv.append("--channels-last" if cfg.channels_last else "--no-channels-last")
     for flag, value in AUTOENCODER_RECIPE.items():
         argv += [f"--{flag}", value]

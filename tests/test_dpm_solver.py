@@ -131,11 +131,12 @@ def test_logsnr_timesteps(kind):
         assert len(ts) == steps and ts[0] == 999 and (steps == 1 or ts[-1] == 0)
         assert all(a > b for a, b in zip(ts, ts[1:]))
     # No collisions at 10 steps: after the first, the lambda gaps are the grid's to within the
-    # rounding to integer timesteps (a timestep moves lambda by at most 0.4 there).
+    # rounding to integer timesteps (measured: 0.031 linear, 0.014 cosine; a grid of 11 points
+    # instead of 10 moves every gap by ~0.11).
     ts = logsnr_timesteps(schedule, 10)
     gaps = [float(lam[b] - lam[a]) for a, b in zip(ts[1:], ts[2:])]
     step = (float(lam[0]) - max(float(lam[-1]), -5.0)) / 9
-    assert all(abs(g - step) < 0.45 for g in gaps), (gaps, step)
+    assert all(abs(g - step) < 0.06 for g in gaps), (gaps, step)
     with pytest.raises(ValueError, match="between 1 and 1000"):
         logsnr_timesteps(schedule, 1001)
 
@@ -170,9 +171,7 @@ def test_second_order_on_uneven_steps():
 
 
 def test_the_ddpm_family_samples_with_it():
-    """--sampler dpm++2m reaches the solver (its timesteps, --sampling-steps calls) and the
-    options refuse an --eta it would ignore."""
-    from genscale.errors import UserError
+    """--sampler dpm++2m reaches the solver (its timesteps, --sampling-steps calls)."""
     from genscale.families.ddpm import Options, reverse_process
     from tests.test_applications_support import tiny_ddpm
 
@@ -183,6 +182,4 @@ def test_the_ddpm_family_samples_with_it():
                           generator=torch.Generator().manual_seed(0))
     assert seen == logsnr_timesteps(fam.schedule, 6) and out.shape == (2, 1, 8, 8)
     assert out.abs().max() <= 1.0  # pixel space: x0_hat clipped, and the last step returns it
-    with pytest.raises(UserError, match="--eta applies to --sampler ddim only"):
-        Options(sampler="dpm++2m", eta=0.5).validate()
     Options(sampler="dpm++2m").validate()

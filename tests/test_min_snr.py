@@ -80,7 +80,27 @@ def test_v_prediction_loss_is_weighted():
     assert weighted.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_v_prediction_training_step_is_weighted():
+    """The family's v branch passes --snr-gamma on (same draws, another loss)."""
+    def loss(gamma: float) -> float:
+        torch.manual_seed(0)
+        family = DDPM(TrainConfig(), Options(base_width=8, prediction="v", snr_gamma=gamma),
+                      DataInfo("digits", 1, 8, 10))
+        torch.nn.init.normal_(family.nets["model"].conv_out.weight, std=0.05)
+        batch = {"image": torch.rand(4, 1, 8, 8) * 2 - 1, "label": torch.tensor([1, 2, 3, 4])}
+        torch.manual_seed(1)
+        return float(family.training_step(batch, lambda value, name: None)["loss"])
+
+    assert abs(loss(5.0) - loss(0.0)) > 1e-3 * loss(0.0)
+
+
 @pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
 def test_bad_gamma_is_refused(value):
     with pytest.raises(UserError, match="--snr-gamma must be a non-negative number"):
         Options(snr_gamma=value).validate()
+
+
+def test_gamma_with_l1_is_refused():
+    """|eps error| = sqrt(SNR) |x0 error|: the weights would not put min(SNR, gamma) on the x0 error."""
+    with pytest.raises(UserError, match="--snr-gamma weights squared errors"):
+        Options(snr_gamma=5.0, loss="l1").validate()

@@ -68,12 +68,12 @@ class Options:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.eta < 0:  # the sampler raises on it, at the first grid
             raise UserError(f"--eta must be a non-negative number, got {self.eta}")
-        if self.eta != 0 and self.sampler != "ddim":  # ddpm is eta = 1 and DPM-Solver++ has no noise
-            raise UserError(f"--eta applies to --sampler ddim only, got --eta {self.eta:g} with --sampler {self.sampler}")
         if not 0 <= self.cond_drop < 1:
             raise UserError(f"--cond-drop must be in [0, 1), got {self.cond_drop}")
         if not 0 <= self.snr_gamma < float("inf"):  # also refuses nan
             raise UserError(f"--snr-gamma must be a non-negative number (0 = off), got {self.snr_gamma}")
+        if self.snr_gamma > 0 and self.loss != "l2":  # |eps error| = sqrt(SNR) |x0 error|: other weights
+            raise UserError("--snr-gamma weights squared errors: use it with --loss l2")
 
 
 OPTION_HELP = {
@@ -87,7 +87,7 @@ OPTION_HELP = {
                  "use 5; 0 = off)",
     "sampler": "ddim (default), ddpm (ancestral) or dpm++2m (DPM-Solver++, good in 10-20 steps)",
     "sampling_steps": "model calls of ddim and dpm++2m (ddpm takes all timesteps in training's grids)",
-    "eta": "DDIM's noise: 0 deterministic, 1 ancestral",
+    "eta": "DDIM's noise: 0 deterministic, 1 ancestral (ddpm and dpm++2m ignore it)",
 }
 
 # The digits at their native 8x8 (upsampling them adds pixels, not information) on a 2-core CPU

@@ -92,17 +92,19 @@ def test_custom_op_registrations(device):
     torch.library.opcheck(_noise_custom_ops.ddim_step_op, (xd, xd, xd, 2.0, t, t - 1, abar, 1.0, True, 0, 4, seed))
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
 @pytest.mark.parametrize("backend", ["triton", "eager"])
-def test_a_seed_tensor_is_a_graph_input(device, monkeypatch, backend):
+def test_a_seed_tensor_is_a_graph_input(device, monkeypatch, backend, weighted):
     """With the seed in a tensor, one compiled graph serves every seed (no recompiles, no graph
-    breaks) and draws what the eager calls draw."""
+    breaks) and draws what the eager calls draw; also with per-sample loss weights (min-SNR)."""
     monkeypatch.setenv("GENSCALE_KERNELS", backend)
     x0, t, abar = _inputs(device)
     pred = torch.randn_like(x0, requires_grad=True)
+    weight = torch.tensor([0.5, 3.0], device=device) if weighted else None
 
     def noisy_loss(seed):
         xt = kernels.q_sample(x0, t, abar, seed=seed, offset=2)
-        return kernels.eps_loss(pred * xt, seed, 2)
+        return kernels.eps_loss(pred * xt, seed, 2, weight=weight)
 
     torch._dynamo.reset()
     compiler = "inductor" if device.type == "cuda" and backend == "triton" else "aot_eager"
