@@ -14,10 +14,10 @@ def min_snr_weights(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, pred
     """Per-sample loss weights [N] (float64) that weight the x0 error by min(SNR_t, gamma).
 
     Hang et al. 2023: the timesteps' losses conflict, and capping the x0-error weight at gamma
-    (they use 5) trains faster. Defined for squared errors (--loss l2). An eps error is the x0 error times sqrt(SNR) (x0 = (x_t - sigma eps)
-    / alpha), so the eps loss takes min(SNR, gamma) / SNR; a v error is the x0 error times
-    sqrt(SNR + 1) (x0 = alpha x_t - sigma v, sigma^2 = 1 / (SNR + 1)), so the v loss takes
-    min(SNR, gamma) / (SNR + 1).
+    (they use 5) trains faster. Defined for squared errors (--loss l2). An eps error is the x0
+    error times sqrt(SNR) (x0 = (x_t - sigma eps) / alpha), so the eps loss takes
+    min(SNR, gamma) / SNR; a v error is the x0 error times sqrt(SNR + 1) (x0 = alpha x_t - sigma v,
+    sigma^2 = 1 / (SNR + 1)), so the v loss takes min(SNR, gamma) / (SNR + 1).
     """
     if prediction not in ("eps", "v"):
         raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
