@@ -24,9 +24,10 @@ from genscale.families import family_module
 from genscale.families.base import DataInfo
 from genscale.launch import make_accelerator
 from genscale.trainer import Trainer
-# fresh_accelerate_state: the same autouse fixture as there (each test gets a new Accelerate state)
-from tests.test_trainer import fresh_accelerate_state, train_toy, weights  # noqa: F401
+from tests.test_trainer import train_toy, weights
 from tests.toy_family import ToyFamily, stream_factory, toy_run
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # each test gets a new Accelerate state
 
 
 def all_finite(path) -> bool:

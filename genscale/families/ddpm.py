@@ -33,6 +33,7 @@ class Options:
     num_res_blocks: int = 2
     attention_res: tuple[int, ...] = (4,)
     dropout: float = 0.0
+    grad_checkpointing: bool = False  # recompute U-Net blocks in the backward: less memory, more compute
     cond_drop: float = 0.1  # probability of training on the null label (for guidance)
     sampler: str = "ddim"  # default sampler for grids and sample.py: ddpm | ddim | dpm++2m
     sampling_steps: int = 50  # DDIM's and DPM-Solver++'s model calls (DDPM runs all T unless sample.py asks)
@@ -83,6 +84,8 @@ OPTION_HELP = {
     "attention_res": "resolutions with self-attention, e.g. 8",
     "cond_drop": "probability of the null label in training (classifier-free guidance)",
     "cfg_scale": "default classifier-free guidance scale for sampling",
+    "grad_checkpointing": "keep only each U-Net block's input for the backward pass and recompute the rest "
+                          "(less activation memory for ~one more forward pass of compute; same gradients)",
     "snr_gamma": "min-SNR-gamma loss weighting: the x0 error weighted by min(SNR, gamma) (Hang et al. 2023 "
                  "use 5; 0 = off)",
     "sampler": "ddim (default), ddpm (ancestral) or dpm++2m (DPM-Solver++, good in 10-20 steps)",
@@ -94,7 +97,7 @@ OPTION_HELP = {
 # in under ten minutes; pass a larger --image-size with wider --channel-mults for real data.
 
 # Options a resume may change (genscale/families/__init__.py; train.check_same_options refuses others).
-RESUME_MAY_CHANGE = ("loss", "snr_gamma", "dropout", "cond_drop", "sampler", "sampling_steps", "eta", "cfg_scale")
+RESUME_MAY_CHANGE = ("loss", "snr_gamma", "grad_checkpointing", "dropout", "cond_drop", "sampler", "sampling_steps", "eta", "cfg_scale")
 
 PRESET = {"data": "digits", "image_size": 8, "steps": 2000, "batch_size": 64, "lr": 1e-3,
           "warmup_steps": 200, "ema_decay": 0.999, "ckpt_every": 500, "sample_every": 1000}
@@ -123,7 +126,7 @@ class DDPM(Family):
             in_channels=info.channels, out_channels=info.channels, base_width=options.base_width,
             channel_mults=options.channel_mults, num_res_blocks=options.num_res_blocks,
             attention_resolutions=options.attention_res, image_size=info.image_size,
-            num_classes=info.num_classes, dropout=options.dropout)
+            num_classes=info.num_classes, dropout=options.dropout, grad_checkpointing=options.grad_checkpointing)
         self.optimizers["model"] = adam(self.nets["model"].parameters(), train.lr, decoupled=True,
                                         weight_decay=train.weight_decay)
 

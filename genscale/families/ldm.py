@@ -131,7 +131,8 @@ class LDM(Family):
             unet = UNet(in_channels=c, out_channels=c, base_width=options.base_width,
                         channel_mults=options.channel_mults, num_res_blocks=options.num_res_blocks,
                         attention_resolutions=options.attention_res, image_size=s,
-                        num_classes=info.num_classes, dropout=options.dropout)
+                        num_classes=info.num_classes, dropout=options.dropout,
+                        grad_checkpointing=options.grad_checkpointing)
         except (ValueError, KeyError, RuntimeError) as err:
             raise UserError(f"the autoencoder of this ldm run cannot be used: {err}".splitlines()[0]) from None
         self.nets["model"] = LatentDiffusionModel(unet, autoencoder)
