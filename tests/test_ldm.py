@@ -157,3 +157,22 @@ def test_clear_errors(tmp_path, cache):
     with pytest.raises(UserError, match="image-size"):
         LDM(TrainConfig(model="ldm", cache_dir=str(cache)), Options(**SMALL, autoencoder=str(tmp_path / "vae")),
             DataInfo("digits", 1, 16, 10))
+
+
+def test_snr_gamma_and_grad_checkpointing_reach_the_latent_unet(tmp_path, cache):
+    """--snr-gamma changes the loss of the same draws; --grad-checkpointing is set on the U-Net."""
+    write_vae_run(tmp_path / "vae")
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(8, 1, 8, 8, generator=g) * 2 - 1, "label": torch.randint(0, 10, (8,), generator=g)}
+
+    def first_loss(**overrides) -> tuple[float, LDM]:
+        fam = build(tmp_path / "vae", cache, **overrides)
+        torch.nn.init.normal_(fam.model.unet.conv_out.weight, std=0.05)
+        torch.manual_seed(3)
+        return float(fam.training_step(batch, lambda loss, name: None)["loss"]), fam
+
+    plain, fam = first_loss()
+    weighted, _ = first_loss(snr_gamma=5.0)
+    assert abs(weighted - plain) > 1e-3 * plain
+    assert not fam.model.unet.grad_checkpointing
+    assert first_loss(grad_checkpointing=True)[1].model.unet.grad_checkpointing
