@@ -1,9 +1,9 @@
 """One whole U-Net training step (DDPM's CIFAR-10 U-Net): eager, torch.compile, and the fused kernels.
 
 The step: noise x0 at random t, predict eps, MSE loss, backward, Adam. bf16 autocast and
-channels_last on CUDA (what train.py runs there by default); the "-nchw" variants ("eager-nchw",
-"triton-nchw" and their "+graph") run the same step in NCHW, which tells whether channels_last is
-the faster default (on the CPU every variant runs NCHW already). "eager" and "compile" use eager
+channels_last on CUDA (train.py --channels-last, off by default until this measures it); the
+"-nchw" variants ("eager-nchw", "triton-nchw" and their "+graph") run the same step in NCHW, which
+tells whether channels_last is the faster layout (on the CPU every variant runs NCHW already). "eager" and "compile" use eager
 GroupNorm (GENSCALE_KERNELS=eager) and the usual randn + formula noising; "triton" uses the fused
 GroupNorm+SiLU and the fused noising and loss kernels; "triton+compile" compiles the latter (the
 kernels stay opaque custom ops); "triton+inline" compiles it with GroupNorm as a triton op that
