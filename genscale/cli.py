@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, NoReturn
 
@@ -19,6 +20,7 @@ class ArgumentParser(argparse.ArgumentParser):
     bury the one line that says what is wrong, so it points to --help instead."""
 
     def error(self, message: str) -> NoReturn:
+        wait_for_the_first_process()  # every process of a launch parses the same flags
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -100,10 +102,36 @@ def quiet_interrupt_while_starting() -> None:
     an entry point spends its first seconds importing torch, and Python's own handler printed a
     KeyboardInterrupt traceback from inside that import."""
     def interrupted(_signum, _frame) -> None:
-        os.write(2, b"interrupted\n")
+        if _prints_errors():  # Ctrl-C reaches every process of the launch
+            os.write(2, b"interrupted\n")
         os._exit(130)  # nothing has started that needs cleaning up
 
     signal.signal(signal.SIGINT, interrupted)
+
+
+# Until the entry point's Accelerator exists, every process of a multi-process launch runs the
+# same checks on the same flags and files, so a refusal there is raised by all of them alike and
+# was printed once per GPU. The first process of each node (a node may see other files) says it
+# at once; the others wait FIRST_PROCESS_GRACE_S first: the launcher stops every process when one
+# exits with an error, so a process that outlives the wait had an error of its own and says it
+# (the first process to exit has always said its error). From the Accelerator on
+# (launch.new_accelerator calls ranks_started), an error may be one rank's own: no wait.
+FIRST_PROCESS_GRACE_S = 5.0
+_ranks_started = False
+
+
+def ranks_started() -> None:
+    global _ranks_started
+    _ranks_started = True
+
+
+def _prints_errors() -> bool:
+    return _ranks_started or os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def wait_for_the_first_process() -> None:
+    if not _prints_errors():
+        time.sleep(FIRST_PROCESS_GRACE_S)
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None,
@@ -115,10 +143,12 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         code = main(argv)
     except UserError as err:
         if str(err):
+            wait_for_the_first_process()
             print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if _prints_errors():
+            print("interrupted", file=sys.stderr)
         sys.exit(130)
     except (MemoryError, RuntimeError) as err:
         reason = out_of_memory(err)

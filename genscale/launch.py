@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from genscale.cli import ranks_started
 from genscale.errors import UserError
 
 
@@ -36,6 +37,7 @@ def new_accelerator(share_cores: bool = True, **kwargs) -> Accelerator:
     except (ValueError, ImportError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"accelerate refused this launch's settings: {reason}") from None
+    ranks_started()
     if cpu and (share_cores or "LOCAL_WORLD_SIZE" in os.environ):
         # accelerate launch pins OMP_NUM_THREADS=1; share the cores between local processes instead.
         threads = int(os.environ.get("GENSCALE_THREADS", "0")) or max(1, (os.cpu_count() or 1) // _local_world())
