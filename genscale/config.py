@@ -21,6 +21,7 @@ from typing import Any
 from genscale.cli import ArgumentParser
 from genscale.errors import UserError
 from genscale.families import DESCRIPTIONS, FAMILIES, family_module
+from genscale.lr_schedule import SCHEDULES
 
 
 @dataclass
@@ -35,6 +36,8 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 100
+    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 at --steps); genscale/lr_schedule.py
+    lr_decay_start: int = 0  # the decay starts at the later of this step and the warm-up's end
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     ema_decay: float = 0.999
@@ -64,6 +67,8 @@ COMMON_HELP = {
     "steps": "number of optimizer steps",
     "batch_size": "batch size per process and micro-batch",
     "grad_accum": "micro-batches per optimizer step",
+    "lr_schedule": "learning rate after the warm-up: constant, or a linear or cosine decay to 0 at --steps",
+    "lr_decay_start": "step where the decay begins (default: the end of the warm-up)",
     "grad_clip": "clip the global gradient norm to this value (0 = off)",
     "ckpt_every": "save a checkpoint every N steps",
     "sample_every": "write a sample grid every N steps (0 = never)",
@@ -317,13 +322,14 @@ def validate(cfg: TrainConfig) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise UserError(f"{_flag(name)} must be a positive number, got {getattr(cfg, name)}")
-    for name in ["eval_every", "sample_every", "warmup_steps", "num_workers", "grad_clip", "weight_decay", "shuffle_buffer"]:
+    for name in ["eval_every", "sample_every", "warmup_steps", "lr_decay_start", "num_workers", "grad_clip", "weight_decay", "shuffle_buffer"]:
         if getattr(cfg, name) < 0:
             raise UserError(f"{_flag(name)} must not be negative, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise UserError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if cfg.lr <= 0:
         raise UserError(f"--lr must be positive, got {cfg.lr}")
+    check_lr_schedule(cfg)
     # torch.manual_seed overflows past 64 bits (a traceback after the run folder was made); the
     # non-negative int64 range also suits numpy's SeedSequence and the seeds derived from it
     if not 0 <= cfg.seed < 2**63:
@@ -332,3 +338,20 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("--keep-best keeps the best evaluated checkpoint, so it needs --eval-every N")
     if cfg.log_with not in ("", "tensorboard", "wandb"):
         raise UserError(f"--log-with must be tensorboard or wandb, got {cfg.log_with!r}")
+
+
+def check_lr_schedule(cfg: TrainConfig) -> None:
+    """A schedule that names a decay must have steps left to decay over."""
+    if cfg.lr_schedule not in SCHEDULES:
+        raise UserError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {cfg.lr_schedule!r}")
+    if cfg.lr_schedule == "constant":
+        if cfg.lr_decay_start:
+            raise UserError(f"--lr-decay-start {cfg.lr_decay_start} has no effect with --lr-schedule constant; "
+                            "add --lr-schedule linear or cosine")
+        return
+    start = max(cfg.warmup_steps, cfg.lr_decay_start)
+    if start >= cfg.steps:
+        what = f"--lr-decay-start {cfg.lr_decay_start}" if cfg.lr_decay_start >= cfg.warmup_steps else \
+            f"the warm-up (--warmup-steps {cfg.warmup_steps})"
+        raise UserError(f"--lr-schedule {cfg.lr_schedule} decays after {what}, which ends at or after "
+                        f"--steps {cfg.steps}: the rate would never decay")

@@ -1,7 +1,7 @@
 """The one Accelerate training loop that every family runs in.
 
 It owns what is common: the step loop, gradient accumulation, clipping, mixed precision (from
-the launcher), learning-rate warm-up, EMA, atomic checkpoints and exact resume, stop signals,
+the launcher), the learning-rate schedule, EMA, atomic checkpoints and exact resume, stop signals,
 logging, the progress bar and periodic sample grids. It knows families only through
 genscale.families.base.Family.
 
@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast
 from tqdm.auto import tqdm
 
-from genscale import checkpoints as ckpt, memory_layout
+from genscale import checkpoints as ckpt, lr_schedule, memory_layout
 from genscale.config import RunConfig
 from genscale.ema import EMA
 from genscale.errors import UserError
@@ -131,8 +131,8 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
 
     def set_lr(self, step: int) -> float:
-        """Linear warm-up then constant; a function of the step, so resume needs no state."""
-        factor = min(1.0, (step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else 1.0
+        """Warm-up, then --lr-schedule: a function of the step, so resume needs no state."""
+        factor = lr_schedule.lr_factor(step, self.cfg.steps, self.cfg.warmup_steps, self.cfg.lr_schedule, self.cfg.lr_decay_start)
         for opt in self.family.optimizers.values():
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * factor
