@@ -91,6 +91,23 @@ def test_compiled_run_saves_plain_keys_and_resumes(tmp_path, monkeypatch):
     assert resumed.ema.updates == 6  # the EMA state came back from step 4 and went on
 
 
+@pytest.mark.parametrize("compiled_first", [True, False])
+def test_compiled_and_plain_launches_resume_each_other(tmp_path, monkeypatch, compiled_first):
+    """The README promises that adding or dropping --dynamo_backend on a resume works."""
+    def launch(compiled: bool, steps: int):
+        if compiled:
+            monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "EAGER")
+        else:
+            monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)
+        trainer, code = train_toy(tmp_path, steps=steps, jitter=0.0)
+        assert code == 0 and (type(trainer.family.nets["model"]).__name__ == "OptimizedModule") == compiled
+        return trainer
+
+    launch(compiled_first, 4)
+    resumed = launch(not compiled_first, 6)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)][-1] == 6 and resumed.ema.updates == 6
+
+
 # ---- 3. FSDP ----------------------------------------------------------------------------------
 def test_fsdp_is_refused_in_one_sentence(tmp_path, monkeypatch):
     class FsdpAccelerator(Accelerator):  # FSDP needs GPUs; only the distributed type matters here
