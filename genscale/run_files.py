@@ -136,7 +136,21 @@ class MetricsLog:
 
 
 def plot_losses(metrics: list[dict[str, Any]], path: Path) -> None:
-    """One curve per logged loss (keys containing 'loss'), smoothed, against the step."""
+    """Write ``loss_figure(metrics)`` to ``path`` (atomically); nothing when no loss was logged."""
+    fig = loss_figure(metrics)  # it selects the Agg backend before pyplot is imported
+    if fig is None:
+        return
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def loss_figure(metrics: list[dict[str, Any]]):
+    """One curve per logged loss (keys containing 'loss'), smoothed, against the step; the learning
+    rate dashed on a second axis, so a loss that turns with the schedule can be read as such."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,7 +159,7 @@ def plot_losses(metrics: list[dict[str, Any]], path: Path) -> None:
     train = [r for r in metrics if "step" in r and r.get("kind", "train") == "train"]
     keys = sorted({k for r in train for k in r if "loss" in k and isinstance(r[k], (int, float))})
     if not keys:
-        return
+        return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in keys:
         pts = [(r["step"], r[key]) for r in train if key in r and math.isfinite(r[key])]
@@ -158,10 +172,14 @@ def plot_losses(metrics: list[dict[str, Any]], path: Path) -> None:
         ax.plot(steps[k - 1:], smooth, label=key, color=ax.lines[-1].get_color())
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend()
+    ax.legend(loc="upper left")
+    rates = [(r["step"], r["lr"]) for r in train if isinstance(r.get("lr"), (int, float)) and math.isfinite(r["lr"])]
+    if rates:
+        lr_ax = ax.twinx()
+        lr_ax.plot(*zip(*rates), color="grey", linestyle="--", linewidth=1, label="learning rate")
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.set_ylim(bottom=0)
+        lr_ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    return fig

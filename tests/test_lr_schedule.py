@@ -101,3 +101,21 @@ def test_schedules_that_cannot_work_are_refused_in_one_sentence(flags, message):
 def test_a_schedule_round_trips_through_the_command_line():
     run = parse_train_args(["--model", "gan", "--lr-schedule", "linear", "--lr-decay-start", "700", "--steps", "1400"])
     assert (run.train.lr_schedule, run.train.lr_decay_start, run.train.steps) == ("linear", 700, 1400)
+
+
+def test_the_loss_curve_shows_the_logged_learning_rate():
+    import matplotlib.pyplot as plt
+
+    from genscale.run_files import loss_figure
+
+    rows = [{"step": s, "loss": 1.0 / s, "lr": lr_factor(s - 1, 40, 5, "cosine") * 1e-3} for s in range(1, 41)]
+    rows.append({"step": 40, "kind": "eval", "fid": 3.0, "lr": 9.0})  # not a training row: not drawn
+    fig = loss_figure(rows)
+    assert len(fig.axes) == 2
+    (line,) = fig.axes[1].get_lines()
+    assert list(line.get_xdata()) == list(range(1, 41))
+    assert list(line.get_ydata()) == [r["lr"] for r in rows[:40]]
+    plt.close(fig)
+    fig = loss_figure([{"step": 1, "loss": 0.5}])  # a log without rates: one axis
+    assert len(fig.axes) == 1
+    plt.close(fig)
