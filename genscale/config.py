@@ -36,6 +36,7 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 100
+    init_from: str = ""  # a run or checkpoint folder whose weights a new run starts from (genscale/init_from.py)
     lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 at --steps); genscale/lr_schedule.py
     lr_decay_start: int = 0  # the decay starts at the later of this step and the warm-up's end
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -69,6 +70,8 @@ COMMON_HELP = {
     "grad_accum": "micro-batches per optimizer step",
     "lr_schedule": "learning rate after the warm-up: constant, or a linear or cosine decay to 0 at --steps",
     "lr_decay_start": "step where the decay begins (default: the end of the warm-up)",
+    "init_from": "start a new run's networks from this run's (or checkpoint folder's) trained weights; "
+                 "same model and options; ignored once --out has checkpoints",
     "grad_clip": "clip the global gradient norm to this value (0 = off)",
     "ckpt_every": "save a checkpoint every N steps",
     "sample_every": "write a sample grid every N steps (0 = never)",
@@ -330,6 +333,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.lr <= 0:
         raise UserError(f"--lr must be positive, got {cfg.lr}")
     check_lr_schedule(cfg)
+    if cfg.init_from and cfg.model == "ldm":  # refused before the autoencoder's minutes of training
+        raise UserError("--init-from is not supported for ldm yet (its U-Net is tied to the autoencoder it was "
+                        "trained with)")
     # torch.manual_seed overflows past 64 bits (a traceback after the run folder was made); the
     # non-negative int64 range also suits numpy's SeedSequence and the seeds derived from it
     if not 0 <= cfg.seed < 2**63:
@@ -355,3 +361,11 @@ def check_lr_schedule(cfg: TrainConfig) -> None:
             f"the warm-up (--warmup-steps {cfg.warmup_steps})"
         raise UserError(f"--lr-schedule {cfg.lr_schedule} decays after {what}, which ends at or after "
                         f"--steps {cfg.steps}: the rate would never decay")
+
+
+def flag_with_value(name: str, value) -> str:
+    """The command-line spelling of an option's value, as config.json records it."""
+    flag = _flag(name)
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}"

@@ -22,9 +22,9 @@ from typing import Iterator
 
 import torch
 
-from genscale import run_status
+from genscale import init_from, run_status
 from genscale.cli import check_output_path, make_folder, run_main
-from genscale.config import RunConfig, TrainConfig, parse_train_args
+from genscale.config import RunConfig, TrainConfig, flag_with_value, parse_train_args
 from genscale.errors import UserError
 from genscale.families import family_module
 from genscale.families.base import Batch, DataInfo
@@ -112,7 +112,7 @@ def check_same_options(run: RunConfig) -> None:
     free = set(getattr(family_module(run.train.model), "RESUME_MAY_CHANGE", ()))
     changed = [k for k in sorted(old) if k in new and k not in free and old[k] != new[k]]
     if changed:
-        was = " ".join(_as_flag(k, old[k]) for k in changed)
+        was = " ".join(flag_with_value(k, old[k]) for k in changed)
         raise UserError(f"the checkpoints in {run.train.out} were trained with {was}; resume with {was} (or "
                         f"--config {Path(run.train.out) / 'config.json'}) or choose another --out")
 
@@ -168,20 +168,12 @@ def check_checkpoint_fits(run: RunConfig, family) -> None:
         old = {**{k: record["train"][k] for k in SHAPE_FLAGS if k in record["train"]}, **record["options"]}
         new = json.loads(json.dumps({**{k: getattr(run.train, k) for k in SHAPE_FLAGS},
                                      **dataclasses.asdict(run.options)}))
-        changed = " ".join(_as_flag(k, old[k]) for k in sorted(old) if k in new and old[k] != new[k])
+        changed = " ".join(flag_with_value(k, old[k]) for k in sorted(old) if k in new and old[k] != new[k])
     except (OSError, ValueError, KeyError, TypeError):
         pass
     hint = f"resume with {changed}" if changed else "resume with the run's original options"
     raise UserError(f"the checkpoints in {run.train.out} hold networks of another shape than these options "
                     f"build; {hint} or choose another --out")
-
-
-def _as_flag(name: str, value) -> str:
-    """The command-line spelling of an option's value, as config.json records it."""
-    flag = "--" + name.replace("_", "-")
-    if isinstance(value, bool):
-        return flag if value else "--no-" + flag[2:]
-    return f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}"
 
 
 def check_tracker(log_with: str) -> None:
@@ -269,6 +261,7 @@ def train(run: RunConfig, last: bool = True) -> bool:
     that follows in the same launch."""
     cfg = run.train
     check_before_writing(run)
+    from genscale.checkpoints import latest_checkpoint
     from genscale.data import resolve_data
     from genscale.launch import make_accelerator
     from genscale.trainer import Trainer
@@ -288,6 +281,10 @@ def train(run: RunConfig, last: bool = True) -> bool:
         print(f"note: {cfg.data} holds {shards.image_size} px images; training at --image-size {cfg.image_size} "
               "(resized)", file=sys.stderr)
     check_checkpoint_fits(run, family)
+    if cfg.init_from and latest_checkpoint(cfg.out) is None:  # a new run: a resume has weights of its own
+        source = init_from.load_weights(run, family, getattr(module, "RESUME_MAY_CHANGE", ()))
+        if os.environ.get("RANK", "0") == "0":
+            print(f"starting from the weights of {source}", file=sys.stderr)
     if os.environ.get("RANK", "0") == "0":
         warn_changed_stream(run)
     if cfg.eval_every > 0:  # before the run folder and the process group: nothing to clean up
