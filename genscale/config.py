@@ -369,3 +369,10 @@ def flag_with_value(name: str, value) -> str:
     if isinstance(value, bool):
         return flag if value else "--no-" + flag[2:]
     return f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}"
+
+
+def changed_options(old: dict, options: Any, free=()) -> str:
+    """The options of a run's config.json (``old``) that ``options`` changes, except those in
+    ``free``, spelled as the flags that give the old values back ("" when none changed)."""
+    new = json.loads(json.dumps(dataclasses.asdict(options)))  # tuples as config.json has them: lists
+    return " ".join(flag_with_value(k, old[k]) for k in sorted(old) if k in new and k not in free and old[k] != new[k])

@@ -15,14 +15,13 @@ shape, and is refused naming the options to give.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
 from genscale import checkpoints as ckpt
-from genscale.config import RunConfig, flag_with_value
+from genscale.config import RunConfig, changed_options
 from genscale.errors import UserError
 
 
@@ -48,10 +47,8 @@ def check_same_model(run: RunConfig, source: Path, spec: str, free: tuple[str, .
                         "mean is unknown") from None
     if old_model != run.train.model:
         raise UserError(f"--init-from {spec} holds a {old_model} run; a {run.train.model} run cannot start from it")
-    new = json.loads(json.dumps(dataclasses.asdict(run.options)))  # tuples as config.json has them: lists
-    changed = [k for k in sorted(old) if k in new and k not in free and old[k] != new[k]]
-    if changed:
-        was = " ".join(flag_with_value(k, old[k]) for k in changed)
+    was = changed_options(old, run.options, free) if isinstance(old, dict) else ""
+    if was:
         raise UserError(f"--init-from {spec} was trained with {was}; give the same to start from its weights")
 
 

@@ -24,7 +24,7 @@ import torch
 
 from genscale import init_from, run_status
 from genscale.cli import check_output_path, make_folder, run_main
-from genscale.config import RunConfig, TrainConfig, flag_with_value, parse_train_args
+from genscale.config import RunConfig, TrainConfig, changed_options, flag_with_value, parse_train_args
 from genscale.errors import UserError
 from genscale.families import family_module
 from genscale.families.base import Batch, DataInfo
@@ -108,11 +108,8 @@ def check_same_options(run: RunConfig) -> None:
         return  # no readable record (check_same_run refuses a damaged one): the shape check remains
     if not isinstance(old, dict):
         return
-    new = json.loads(json.dumps(dataclasses.asdict(run.options)))  # tuples as config.json has them: lists
-    free = set(getattr(family_module(run.train.model), "RESUME_MAY_CHANGE", ()))
-    changed = [k for k in sorted(old) if k in new and k not in free and old[k] != new[k]]
-    if changed:
-        was = " ".join(flag_with_value(k, old[k]) for k in changed)
+    was = changed_options(old, run.options, getattr(family_module(run.train.model), "RESUME_MAY_CHANGE", ()))
+    if was:
         raise UserError(f"the checkpoints in {run.train.out} were trained with {was}; resume with {was} (or "
                         f"--config {Path(run.train.out) / 'config.json'}) or choose another --out")
 
